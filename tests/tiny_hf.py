@@ -1,0 +1,67 @@
+"""Tiny random transformers LLaVA checkpoints: the PyTorch reference for parity tests.
+
+Every variant is small enough to build in well under a second, so tests can make many of them.
+"""
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 127
+
+
+def tiny_llava_config(
+    *,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    image_size=28,
+    patch_size=7,
+    vision_layers=3,
+    text_layers=2,
+):
+    text = dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=16,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def tiny_llava(seed=0, **overrides) -> LlavaForConditionalGeneration:
+    """A float32 eval-mode model with random weights (seeded), built from `tiny_llava_config`."""
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(**overrides)).eval()
+    # Random init leaves norms at 1/0; perturb them so a wrongly wired norm cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
