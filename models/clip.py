@@ -1,7 +1,7 @@
 """CLIP vision tower (transformers' `CLIPVisionModel` up to the selected hidden states), Flax NNX.
 
-Encoder layers are stacked along a leading axis and run with `lax.fori_loop` over the split layer
-state, so the compiled graph holds one layer body per loop whatever the depth. Only layers up to
+Encoder layers are stacked along a leading axis and run by `models.stack.run` (a fori_loop, or an unrolled
+loop after `models.stack.per_layer`). Only layers up to
 the deepest requested hidden state run; `post_layernorm` is not part of the tower (LLaVA never
 uses it).
 """
@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
+
+from models import stack
 
 # transformers' ACT2FN names -> jax. HF "gelu" is the exact erf form (jax.nn.gelu defaults to tanh).
 _tanh_gelu = functools.partial(jax.nn.gelu, approximate=True)
@@ -107,12 +109,13 @@ def attention(q: Float[Array, "B T H d"], k: Float[Array, "B T H d"], v: Float[A
               ) -> tuple[Float[Array, "B T H d"], Float[Array, "B H T T"]]:
     """softmax(q k^T / sqrt(d)) v with float32 logits and softmax; also returns the float32 weights.
 
-    Plain einsums on the (B, T, H, d) projection layout: on XLA:CPU this beat jax.nn.dot_product_attention 2x.
-    """
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    Heads moved ahead of tokens first, so both products are batched matmuls with leading batch dims: XLA:CPU
+    runs einsums with the batch dims in the middle ("bqhd,bkhd->bhqk") ~2x slower (benchmarks/run.py
+    "attention"); jax.nn.dot_product_attention was slower still."""
+    q, k, v = (a.swapaxes(1, 2) for a in (q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v))
+    logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v), probs
+    return jnp.matmul(probs.astype(v.dtype), v).swapaxes(1, 2), probs
 
 
 class CLIPAttention(nnx.Module):
@@ -186,12 +189,7 @@ class CLIPVisionTower(nnx.Module):
         self.embeddings = CLIPVisionEmbeddings(config, **kw, rngs=rngs)
         self.pre_layrnorm = _layer_norm(config, param_dtype, rngs)
 
-        @nnx.split_rngs(splits=num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def stacked(rngs):
-            return CLIPEncoderLayer(config, **kw, rngs=rngs)
-
-        self.layers = stacked(rngs)
+        self.layers = stack.stacked(lambda r: CLIPEncoderLayer(config, **kw, rngs=r), num_layers, rngs)
 
     def __call__(self, pixel_values: Float[Array, "B C H W"], vision_feature_layer: int | Sequence[int], *,
                  return_attention: bool = False):
@@ -207,15 +205,13 @@ class CLIPVisionTower(nnx.Module):
         if return_attention and depth == 0:
             raise ValueError("attention weights requested for hidden_states[0] (the embeddings), which has no attention")
 
-        graphdef, state = nnx.split(self.layers)
-        layer = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state))
-        run = lambda x, start, stop: x if start == stop else jax.lax.fori_loop(start, stop, lambda i, x: layer(i)(x)[0], x)
+        run = lambda x, start, stop: stack.run(self.layers, start, stop, lambda i, layer, x: layer(x)[0], x)
 
         x = self.pre_layrnorm(self.embeddings(pixel_values.astype(self.dtype))).astype(self.dtype)
         hidden, start = {0: x}, 0
         for stop in sorted(set(idx) - {0}):  # one loop per segment between requested layers
             if return_attention and stop == depth:  # deepest layer outside the loop, keeping its weights
-                x, probs = layer(stop - 1)(run(x, start, stop - 1))
+                x, probs = stack.layer(self.layers, stop - 1)(run(x, start, stop - 1))
             else:
                 x = run(x, start, stop)
             hidden[stop], start = x, stop

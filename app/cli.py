@@ -1,0 +1,113 @@
+"""`svdprune-jax`: run | convert | export | eval | bench | train. Thin: parse, call the rooms, print, draw."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EXAMPLE_IMAGE = ASSETS / "example.png"
+PAPER_FRACTION = 64 / 576  # the paper's 64-of-576 budget, as a share of any model's image tokens
+
+
+def run(args):
+    from app.bundled import MODEL_DIR
+    from app.pictures import kept_overlay
+    from app.pipeline import Pipeline, read_image
+
+    example = json.loads((ASSETS / "example.json").read_text())
+    model_dir = args.model or MODEL_DIR
+    question = args.prompt or example["question"]
+    image = read_image(args.image or EXAMPLE_IMAGE)
+    t = time.perf_counter()
+    pipe = Pipeline.load(model_dir)
+    load_s = time.perf_counter() - t
+    keep = args.keep
+    if keep is None and args.method != "full":
+        keep = max(1, round(PAPER_FRACTION * pipe.num_image_tokens))
+    kw = dict(method=args.method, keep=keep, max_new_tokens=args.max_new_tokens, timed=True)
+    t = time.perf_counter()
+    pipe.answer([image], [question], **kw)  # first call: compiles
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    (ans,), timings = pipe.answer([image], [question], **kw)
+    seconds = time.perf_counter() - t
+    n = pipe.num_image_tokens
+    kept = pipe.budget(args.method, keep)
+    overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
+    vis = pipe.config.vision
+    kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size).save(overlay)
+    if args.json:
+        print(json.dumps(dict(answer=ans.text, token_ids=ans.token_ids, prompt_ids=ans.prompt_ids,
+                              kept_indices=ans.kept_indices, keep=kept, method=args.method, seconds=seconds,
+                              image_tokens=n, stage_seconds=timings, compile_seconds=first_s - seconds,
+                              overlay=str(overlay), model=str(model_dir), question=question)))
+        return
+    print(f"model     {model_dir}  (loaded in {load_s:.1f} s)")
+    print(f"question  {question}")
+    print(f"answer    {ans.text}")
+    print(f"kept      {kept} of {n} image tokens ({args.method})")
+    stages = "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
+    print(f"time      {seconds * 1e3:.1f} ms  ({stages}; first call incl. compile {first_s:.1f} s)")
+    print(f"picture   {overlay}")
+
+
+def convert(args):
+    from convert import convert_checkpoint
+    print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=True))
+
+
+def export(args):
+    from convert import export_checkpoint
+    files = export_checkpoint(args.our_dir, args.hf_dir, max_shard_bytes=args.max_shard_bytes, progress=True)
+    print(f"wrote {len(files)} weight file(s) to {args.hf_dir}")
+
+
+def parser() -> argparse.ArgumentParser:
+    from app.pipeline import METHODS
+
+    p = argparse.ArgumentParser(prog="svdprune-jax", description="SVD-Prune vision-token pruning for LLaVA in JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="answer a question about an image with pruned inference (default: bundled model)")
+    r.add_argument("--model", type=Path, help="HF LLaVA directory or our converted checkpoint (default: bundled)")
+    r.add_argument("--image", type=Path, help=f"RGB image (default: {EXAMPLE_IMAGE.name})")
+    r.add_argument("--prompt", help="the question (default: the bundled image's question)")
+    r.add_argument("--keep", type=int, help="image tokens kept (default: 64/576 of the model's image tokens)")
+    r.add_argument("--method", default="svd", choices=METHODS)
+    r.add_argument("--max-new-tokens", type=int, default=16)
+    r.add_argument("--out", type=Path, help="PNG of the kept tokens (default: kept_tokens_METHOD_K.png)")
+    r.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    r.set_defaults(fn=run)
+
+    c = sub.add_parser("convert", help="HF LLaVA directory -> our Orbax checkpoint")
+    c.add_argument("hf_dir", type=Path)
+    c.add_argument("out_dir", type=Path)
+    c.add_argument("--dtype", help="float32 or bfloat16 (bf16); default: the checkpoint's own")
+    c.set_defaults(fn=convert)
+
+    e = sub.add_parser("export", help="our checkpoint -> transformers-loadable HF LLaVA directory")
+    e.add_argument("our_dir", type=Path)
+    e.add_argument("hf_dir", type=Path)
+    e.add_argument("--max-shard-bytes", type=int, help="shard the safetensors at this size")
+    e.set_defaults(fn=export)
+
+    for name, target, help_ in (("eval", "app.evaluate", "accuracy of every method x budget (synthetic, gqa, textvqa)"),
+                                ("bench", "benchmarks.run", "speed, ours vs transformers PyTorch"),
+                                ("train", "app.train", "train the bundled tiny LLaVA")):
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(fn=lambda a, target=target: __import__(target, fromlist=["main"]).main(a.rest))
+    return p
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        sys.exit(f"svdprune-jax {args.command}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

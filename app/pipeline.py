@@ -1,0 +1,146 @@
+"""Images + questions -> answers through any LLaVA directory (HF or ours): the path `run` and every eval share.
+
+A method is one of `svdprune_jax.METHODS` (pruning between the vision tower and the projector), "fastv"
+(pruning inside the language model at layer K) or "full" (no pruning). The budget `keep` is the number of
+image tokens the language model reads (FastV: from layer K on).
+"""
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+import svdprune_jax
+from convert.checkpoint import load_model
+from convert.hf_config import processor_path, tokenizer_path
+from models.generate import generate
+from models.llama import FastV
+from models.llava import LlavaConfig, Pruning
+
+log = logging.getLogger(__name__)
+METHODS = ("full", *svdprune_jax.METHODS, "fastv")
+CHAT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's conversation format
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: list[int]          # generated ids, EOS included when reached
+    prompt_ids: list[int]         # the prompt's ids before the image token is expanded to the budget
+    kept_indices: list[int] | None  # kept patch indices, ascending (pre-LLM methods), else None
+
+
+@dataclasses.dataclass
+class Pipeline:
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    config: LlavaConfig
+    tokenizer: object
+    processor: CLIPImageProcessorPil
+
+    @classmethod
+    def load(cls, model_dir: str | Path, dtype=None) -> "Pipeline":
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"{model_dir}: not a LLaVA model directory (no config.json)")
+        model = load_model(model_dir, dtype)
+        graphdef, state = nnx.split(model)
+        return cls(graphdef, state, model.config, AutoTokenizer.from_pretrained(tokenizer_path(model_dir)),
+                   CLIPImageProcessorPil.from_pretrained(processor_path(model_dir)))
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    def budget(self, method: str, keep: int | None) -> int:
+        """Image tokens the language model reads; checks the method and the budget."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        n = self.num_image_tokens
+        if method == "full":
+            if keep not in (None, n):
+                raise ValueError(f"method 'full' keeps all {n} image tokens, not {keep}")
+            return n
+        if keep is None or not 1 <= keep <= n:
+            raise ValueError(f"keep {keep} outside [1, {n}] (the model's image tokens)")
+        return keep
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return np.asarray(self.processor(images=list(images), return_tensors="np")["pixel_values"], np.float32)
+
+    def prompt_ids(self, question: str, template: str = CHAT_TEMPLATE) -> list[int]:
+        ids = self.tokenizer(template.format(question=question))["input_ids"]
+        if ids.count(self.config.image_token_id) != 1:
+            raise ValueError(f"the prompt template must hold exactly one image token: {template!r}")
+        return ids
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, method: str = "svd",
+               keep: int | None = None, max_new_tokens: int = 16, template: str = CHAT_TEMPLATE,
+               key: jax.Array | None = None, timed: bool = False) -> tuple[list[Answer], dict[str, float]]:
+        """Greedy answers for a batch (one image per question), and the stage timings when `timed`."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images for {len(questions)} questions")
+        budget = self.budget(method, keep)
+        in_llm = method in ("full", "fastv")
+        prompts = [self.prompt_ids(q, template) for q in questions]
+        slots = self.num_image_tokens if in_llm else budget
+        ids, mask = left_pad([expand(p, self.config.image_token_id, slots) for p in prompts],
+                             self.tokenizer.pad_token_id or 0)
+        if ids.shape[1] + max_new_tokens > self.config.text.max_position_embeddings:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the context "
+                             f"of {self.config.text.max_position_embeddings}")
+        if method == "random" and key is None:
+            key = jax.random.key(0)
+        out = generate(self.graphdef, self.state, self.pixel_values(images), ids, mask,
+                       max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                       pad_token_id=self.tokenizer.pad_token_id or 0,
+                       pruning=None if in_llm else Pruning(method, budget),
+                       fastv=FastV(budget) if method == "fastv" else None, key=key, timed=timed)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        kept = None if out.kept is None else np.asarray(out.kept)
+        answers = []
+        for i, prompt in enumerate(prompts):
+            generated = tokens[i, :lengths[i]].tolist()
+            answers.append(Answer(self.tokenizer.decode(generated, skip_special_tokens=True).strip(), generated,
+                                  prompt, None if kept is None else kept[i].tolist()))
+        return answers, out.timings
+
+
+def expand(prompt_ids: list[int], image_token_id: int, n: int) -> list[int]:
+    """The single image token of a prompt repeated n times (one slot per image embedding)."""
+    at = prompt_ids.index(image_token_id)
+    return prompt_ids[:at] + [image_token_id] * n + prompt_ids[at + 1:]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return ids, mask
+
+
+def read_image(path: str | Path, *, convert: bool = False) -> Image.Image:
+    """An RGB image file; other modes (grayscale, RGBA, palette...) are refused, not silently converted, unless
+    `convert`: then PIL converts them and a warning names the file (LLaVA's own evaluation converts every image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image {path} does not exist")
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as e:
+        raise ValueError(f"image {path} cannot be read: {e}") from None
+    if image.mode != "RGB" and convert:
+        log.warning("image %s is %s; converted to RGB", path, image.mode)
+        return image.convert("RGB")
+    if image.mode != "RGB":
+        raise ValueError(f"image {path} is {image.mode}, not RGB; convert it first "
+                         f"(e.g. PIL: Image.open(p).convert('RGB'))")
+    return image

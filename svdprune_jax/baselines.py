@@ -1,0 +1,114 @@
+"""Selection rules of the prior methods that act on vision-encoder outputs (our code, read from the papers
+and their released code). Score rules return (..., N) scores for `select.select_tokens`; DivPrune and
+VisionZip are not top-k rules and return indices (and, for VisionZip, merged tokens) themselves.
+Per-image rules are written for one (N, D) matrix and mapped over leading axes with `jnp.vectorize`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from svdprune_jax.select import _select
+
+# VisionZip's released LLaVA-1.5 setting: 54 dominant + 10 contextual tokens for a budget of 64; other
+# budgets keep that share (108+20 for 128, 162+30 for 192, as commonly reproduced).
+VISIONZIP_CONTEXTUAL_SHARE = 10 / 64
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+def _unit(x):
+    """Rows scaled to unit L2 norm; zero rows stay zero (the released codes would divide by zero)."""
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.where(norm > 0, norm, 1.0)
+
+
+def norm_scores(features: Float[Array, "*b n d"]) -> Float[Array, "*b n"]:
+    """Token L2 norm (float32)."""
+    return jnp.linalg.norm(features.astype(jnp.float32), axis=-1)
+
+
+def random_scores(key: Array, shape: tuple[int, ...]) -> Float[Array, "..."]:
+    """I.i.d. uniform scores: their top-k is a uniformly random k-subset, independently per image (the
+    shape includes the batch axes). Under `vmap` with an unbatched key every image gets the same subset."""
+    return jax.random.uniform(key, shape)
+
+
+def _divprune(x: Float[Array, "n d"], k: int) -> Int[Array, "k"]:
+    n = x.shape[0]
+    if n == 1:
+        return jnp.zeros((1,), jnp.int32)
+    xn = _unit(x.astype(jnp.float32))
+    dist = 1.0 - _mm(xn, xn.T)  # cosine distance
+    # First token: the most isolated one, i.e. the largest distance to its nearest neighbour (the
+    # second-smallest entry of its row; the smallest is its own ~0 distance), as in the released code.
+    first = jnp.argmax(-lax.top_k(-dist, 2)[0][:, 1])
+    chosen = jnp.zeros((k,), jnp.int32).at[0].set(first)
+    gap = dist[first].at[first].set(-jnp.inf)  # min distance of every token to the chosen set
+
+    def add(i, carry):  # greedy max-min step: the token farthest from everything chosen so far
+        chosen, gap = carry
+        j = jnp.argmax(gap)  # first maximum: ties go to the lower index
+        return chosen.at[i].set(j), jnp.minimum(gap, dist[j]).at[j].set(-jnp.inf)
+
+    chosen, _ = lax.fori_loop(1, k, add, (chosen, gap))
+    return jnp.sort(chosen)
+
+
+def divprune_indices(features: Float[Array, "*b n d"], k: int) -> Int[Array, "*b k"]:
+    """DivPrune (Alvar et al., CVPR 2025): greedy solution of the max-min diversity problem on cosine
+    distance. Start from the token whose nearest neighbour is farthest, then repeatedly add the token whose
+    minimum distance to the chosen set is largest. Chosen tokens are excluded explicitly (the released code
+    relies on their ~0 self-distance, which can tie with exact duplicates), so the k indices are distinct.
+    Returned ascending. DivPrune applies it to the projector outputs; the caller chooses the features."""
+    return jnp.vectorize(functools.partial(_divprune, k=k), signature="(n,d)->(k)")(features)
+
+
+def visionzip_split(k: int) -> tuple[int, int]:
+    """(dominant, contextual) token counts of VisionZip for a budget k: 54 + 10 for 64 (released default),
+    the same contextual share rounded half up otherwise (16 -> 13 + 3, 32 -> 27 + 5, 128 -> 108 + 20)."""
+    contextual = int(k * VISIONZIP_CONTEXTUAL_SHARE + 0.5)
+    return k - contextual, contextual
+
+
+def _visionzip(x, attention, metric, *, dominant: int, contextual: int):
+    n = x.shape[0]
+    dom = _select(attention, dominant)
+    if contextual == 0:
+        return x[dom], dom
+    # The rest in original order; `contextual` targets spread uniformly over them (static positions).
+    rest = jnp.argsort(jnp.zeros(n, bool).at[dom].set(True), stable=True)[: n - dominant]
+    step = max(1, (n - dominant) // contextual)
+    target_pos = np.arange(0, n - dominant, step)[:contextual]
+    targets, others = rest[target_pos], rest[np.setdiff1d(np.arange(n - dominant), target_pos)]
+    m = _unit(metric.astype(jnp.float32))
+    assign = jax.nn.one_hot(jnp.argmax(_mm(m[others], m[targets].T), axis=-1), contextual)  # most similar target
+    xf = x.astype(jnp.float32)
+    merged = _mm(assign.T, xf[others]) / jnp.maximum(assign.sum(0), 1.0)[:, None]
+    kept = jnp.concatenate([xf[dom], xf[targets] + merged]).astype(x.dtype)  # target + mean of its group
+    return kept, jnp.concatenate([dom, targets])
+
+
+def visionzip(features: Float[Array, "*b n d"], cls_attention: Float[Array, "*b n"], k: int, contextual: int,
+              keys: Float[Array, "*b n e"] | None = None) -> tuple[Float[Array, "*b k d"], Int[Array, "*b k"]]:
+    """VisionZip (Yang et al., CVPR 2025), following its released LLaVA code:
+    - dominant: the k - contextual tokens with the highest CLS attention (kept as they are, ascending);
+    - contextual: of the remaining tokens (original order), `contextual` targets at a uniform stride; every
+      other remaining token joins its most cosine-similar target (similarity of `keys`: VisionZip uses the
+      head-averaged attention keys of the feature layer; default the features themselves), and each
+      contextual token is target + mean of the tokens assigned to it (the released code's sum, not a mean
+      including the target).
+    Returns (kept, indices) in VisionZip's order: dominant tokens ascending, then contextual tokens in
+    target order. For a contextual token, `indices` is its target's (anchor's) position: the token it was
+    built on, not the only one it contains; so indices are not globally sorted.
+    Difference: the released code spends one dominant slot on the CLS token; our features carry patch
+    tokens only (LLaVA's "default" feature strategy), so all dominant slots go to patches.
+    """
+    fn = functools.partial(_visionzip, dominant=k - contextual, contextual=contextual)
+    keys = features if keys is None else keys
+    return jnp.vectorize(fn, signature="(n,d),(n),(n,e)->(k,d),(k)")(features, cls_attention, keys)

@@ -1,0 +1,122 @@
+"""One entry point for every token-pruning method: `prune(features, k, method, ...)`."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from svdprune_jax import baselines, checks, leverage
+from svdprune_jax.select import _select, gather_tokens
+
+METHODS = ("svd", "random", "norm", "cls_attention", "divprune", "visionzip", "lrcp")
+NEEDS_CLS_ATTENTION = ("cls_attention", "visionzip")
+NEEDS_KEY = ("random",)
+OPTIONS = dict(svd=("rank", "energy", "center", "solver"), lrcp=("rank", "solver"), visionzip=("contextual", "keys"))
+
+
+def _static_options(method: str, n: int, d: int, k: int, options: dict) -> tuple:
+    """Checked method options with defaults filled in, as a hashable (name, value) tuple (arrays excluded)."""
+    allowed = OPTIONS.get(method, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option(s) {unknown}; valid: {allowed}")
+    if method == "svd":
+        rank, energy = options.get("rank"), options.get("energy")
+        rank = min(k, n, d) if rank is None and energy is None else rank  # classic rank-k leverage
+        o = leverage.leverage_options(n, d, rank, energy, options.get("center", False), options.get("solver", "auto"))
+    elif method == "lrcp":
+        o = leverage.leverage_options(n, d, options.get("rank", min(leverage.LRCP_RANK, n, d)), None, False,
+                                      options.get("solver", "auto"))
+        o = dict(rank=o["rank"], solver=o["solver"])
+    elif method == "visionzip":
+        c = options.get("contextual", baselines.visionzip_split(k)[1])
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < k:
+            raise ValueError(f"visionzip contextual must be an int in [0, k-1={k - 1}]; got {c!r}")
+        o = dict(contextual=int(c))
+    else:
+        o = {}
+    return tuple(sorted(o.items()))
+
+
+def _side_input(x, name: str, features, last: tuple | None) -> None:
+    """A per-token side input: same leading shape as features' tokens, floating, finite when concrete."""
+    want = np.shape(features)[:-1]
+    got = np.shape(x)
+    if (got != want) if last is None else (got[:-1] != want or len(got) != len(want) + 1):
+        raise ValueError(f"{name} must have shape {want + (last or ())}; got {got}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{name} must be floating point; got dtype {jnp.result_type(x)}")
+    checks.finite(x, name)
+
+
+def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
+             cls_attention: Float[Array, "*b n"] | None = None, **options) -> tuple:
+    """Every check `prune` makes, returning its static options. Shapes and options are checked even on
+    tracers; NaN/inf only on concrete arrays: under an outer jit, call this eagerly on the data first."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    n, d = checks.features_shape(features)
+    k = checks.budget(k, n)
+    if method in NEEDS_KEY:
+        if key is None:
+            raise ValueError(f"method {method!r} needs an explicit PRNG key (key=jax.random.key(...))")
+        typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+        if not (typed and jnp.ndim(key) == 0 or jnp.result_type(key) == jnp.uint32 and np.shape(key) == (2,)):
+            raise ValueError(f"key must be one PRNG key (jax.random.key or PRNGKey); got {jnp.result_type(key)} "
+                             f"of shape {np.shape(key)}")
+    if method in NEEDS_CLS_ATTENTION:
+        if cls_attention is None:
+            raise ValueError(f"method {method!r} needs cls_attention: the (..., N) head-averaged attention of "
+                             "the CLS query to the N patch tokens in the feature layer")
+        _side_input(cls_attention, "cls_attention", features, None)
+    if options.get("keys") is not None:
+        _side_input(options["keys"], "keys", features, ("E",))
+    checks.finite(features, "features")
+    return _static_options(method, n, d, k, options)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "method", "options"))
+def _prune(features, key, cls_attention, keys, *, k, method, options):
+    o = dict(options)
+    if method == "visionzip":
+        return baselines.visionzip(features, cls_attention, k, o["contextual"], keys)
+    if method == "divprune":
+        idx = baselines.divprune_indices(features, k)
+    else:
+        scores = {
+            "svd": lambda: leverage._leverage(features, **o),
+            "lrcp": lambda: leverage._residual(features, **o),
+            "norm": lambda: baselines.norm_scores(features),
+            "cls_attention": lambda: cls_attention,
+            "random": lambda: baselines.random_scores(key, features.shape[:-1]),
+        }[method]()
+        idx = _select(scores, k)
+    return gather_tokens(features, idx), idx
+
+
+def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
+          cls_attention: Float[Array, "*b n"] | None = None, **options
+          ) -> tuple[Float[Array, "*b k d"], Int[Array, "*b k"]]:
+    """Keep k of the N tokens of `features` (..., N, D): returns (kept (..., k, D), indices int32 (..., k)).
+
+    Selection methods return the kept rows unchanged (input dtype) and their indices ascending (spatial
+    order kept). Methods (`METHODS`):
+      "svd"            SVD-Prune: top-k leverage scores (`leverage_scores`). Options: rank (default k clipped
+                       to min(N, D)) or energy, center=False, solver="auto".
+      "lrcp"           LRCP: largest residual off the rank-r PCA subspace (`lrcp_scores`). Options: rank=4, solver.
+      "norm"           largest token L2 norm.
+      "cls_attention"  FasterVLM: largest CLS attention (needs cls_attention).
+      "random"         uniform random k-subset (needs key; a different subset per image of a batch).
+      "divprune"       DivPrune greedy max-min cosine diversity (`baselines.divprune_indices`).
+      "visionzip"      VisionZip dominant + merged contextual tokens (needs cls_attention; options: contextual,
+                       default from `visionzip_split(k)`, and keys for the similarity). Returns merged tokens,
+                       and indices that are not globally ascending: see `baselines.visionzip`.
+    k and method are static; batched input (B, N, D) works directly and the call is vmap-able (`jax.vmap`
+    with k/method closed over). key and cls_attention are ignored by methods that do not use them.
+    Raises ValueError for bad input (see `validate`).
+    """
+    static = validate(features, k, method, key=key, cls_attention=cls_attention, **options)
+    return _prune(features, key if method in NEEDS_KEY else None,
+                  cls_attention if method in NEEDS_CLS_ATTENTION else None, options.get("keys"),
+                  k=k, method=method, options=static)

@@ -1,0 +1,104 @@
+"""Our Llava from a tiny transformers LLaVA: config via `LlavaConfig.from_hf`, weights by walking the HF
+state_dict (a test-only walk; the real key table is convert/'s). Plus HF-side helpers the parity tests share."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from models.llava import Llava, LlavaConfig
+from tiny_hf import tiny_llava
+
+
+def _leaf(path: list[str], w: np.ndarray):
+    """HF tensor -> (our path, our array): Linear weights transposed to (in, out), conv OIHW -> HWIO."""
+    *mod, name = path
+    if name == "weight":
+        if mod[-1] == "patch_embedding":
+            return mod + ["kernel"], w.transpose(2, 3, 1, 0)
+        if mod[-1] in ("embed_tokens", "position_embedding"):
+            return mod + ["embedding"], w
+        if "norm" in mod[-1] or "layrnorm" in mod[-1]:
+            return mod + ["scale"], w
+        return mod + ["kernel"], w.T
+    return path, w
+
+
+def hf_params(hf, cfg: LlavaConfig, depth: int) -> dict:
+    """Nested pure dict in our parameter tree, layers stacked; vision layers past `depth` dropped."""
+    flat, stacks = {}, {}
+    for key, t in hf.state_dict().items():
+        key = key.removeprefix("model.").replace("vision_model.", "").replace("encoder.", "")
+        if "post_layernorm" in key or (cfg.text.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        m = re.match(r"(.*?)\.layers\.(\d+)\.(.*)", key)
+        if m:
+            tower, i, rest = m.group(1), int(m.group(2)), m.group(3)
+            if tower == "vision_tower" and i >= depth:
+                continue
+            path, w = _leaf(rest.split("."), t.detach().numpy())
+            stacks.setdefault((tower, tuple(path)), {})[i] = w
+        else:
+            path, w = _leaf(key.split("."), t.detach().numpy())
+            flat[tuple(path)] = w
+    for (tower, path), ws in stacks.items():
+        flat[(tower, "layers") + path] = np.stack([ws[i] for i in range(len(ws))])
+    tree = {}
+    for path, w in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jnp.asarray(w)
+    return tree
+
+
+def tiny(seed=0, scale=4.0, **overrides):
+    """`tiny_llava` with every matrix (and conv/embedding table) scaled up: at the default 0.02 init the
+    attention is nearly uniform, so a wrong mask, position or RoPE layout would move logits by < 1e-4."""
+    hf = tiny_llava(seed, **overrides)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim >= 2:
+                p.mul_(scale)
+    return hf
+
+
+def from_hf(hf, dtype=jnp.float32):
+    """(model, graphdef, state) of our Llava holding the HF model's weights; the trees must match exactly."""
+    cfg = LlavaConfig.from_hf(hf.config.to_dict())
+    model = nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    depth = model.vision_tower.num_layers
+    params = hf_params(hf, cfg, depth)
+    state = nnx.state(model, nnx.Param)
+    ours = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(state))
+    theirs = jax.tree.map(lambda a: (a.shape, dtype), params)
+    assert ours == theirs, "parameter tree differs from the HF walk"
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: a.astype(dtype), params))
+    nnx.update(model, state)
+    return model, *nnx.split(model)
+
+
+def prompts(image_token_id: int, lengths: tuple[int, ...], n_image: int, seed: int = 0, image_at: int = 2):
+    """Left-padded random prompts: BOS, text, `n_image` image tokens at `image_at`, text. (ids, mask) int64."""
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    ids = np.zeros((len(lengths), T), np.int64)
+    mask = np.zeros((len(lengths), T), np.int64)
+    for b, n in enumerate(lengths):
+        text = rng.integers(3, image_token_id, size=n - n_image)
+        row = np.concatenate([[1], text[1:image_at], np.full(n_image, image_token_id), text[image_at:]])
+        ids[b, T - n:], mask[b, T - n:] = row, 1
+    return ids, mask
+
+
+def hf_positions(mask: np.ndarray) -> torch.Tensor:
+    """transformers generate's position ids for left padding."""
+    m = torch.as_tensor(mask)
+    return (m.cumsum(-1) - 1).clamp(min=0)
+
+
+def pixels(cfg: LlavaConfig, batch: int, seed: int = 0) -> np.ndarray:
+    v = cfg.vision
+    return np.random.default_rng(seed).standard_normal((batch, v.num_channels, v.image_size, v.image_size)).astype(np.float32)

@@ -1,0 +1,72 @@
+"""`svdprune-jax run` end to end on a tiny random model: the JSON contract, the picture, bad input."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import cli
+from app.pipeline import Pipeline, expand, left_pad
+from tiny_bundled import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("cli") / "model")
+
+
+def run_json(capsys, *argv):
+    cli.main(["run", *map(str, argv), "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_run_json_contract(model_dir, tmp_path, capsys):
+    out = run_json(capsys, "--model", model_dir, "--keep", 12, "--max-new-tokens", 5, "--out", tmp_path / "k.png")
+    pipe = Pipeline.load(model_dir)
+    assert out["keep"] == 12 and out["method"] == "svd" and out["image_tokens"] == pipe.num_image_tokens
+    kept = out["kept_indices"]
+    assert len(kept) == 12 and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < pipe.num_image_tokens
+    assert 1 <= len(out["token_ids"]) <= 5 and out["seconds"] > 0
+    # prompt_ids: the template's ids with one image token, before expansion to the budget
+    assert out["prompt_ids"] == pipe.prompt_ids(out["question"])
+    assert out["answer"] == pipe.tokenizer.decode(out["token_ids"], skip_special_tokens=True).strip()
+    picture = np.asarray(Image.open(tmp_path / "k.png"))
+    assert picture.shape[:2] == (4 * pipe.config.vision.image_size,) * 2
+
+
+def test_run_matches_pipeline_answer(model_dir, tmp_path, capsys):
+    """The CLI's answer is the pipeline's greedy answer for the same image, question and budget."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), np.uint8))
+    image.save(tmp_path / "x.png")
+    out = run_json(capsys, "--model", model_dir, "--image", tmp_path / "x.png", "--prompt", "How many red circles?",
+                   "--keep", 7, "--method", "norm", "--out", tmp_path / "k.png")
+    (ans,), _ = Pipeline.load(model_dir).answer([image], ["How many red circles?"], method="norm", keep=7)
+    assert out["token_ids"] == ans.token_ids and out["kept_indices"] == ans.kept_indices
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_run_refuses_non_rgb(model_dir, tmp_path, mode, capsys):
+    Image.new(mode, (80, 80)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit, match=f"is {mode}, not RGB"):
+        cli.main(["run", "--model", str(model_dir), "--image", str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep", "0"], "keep 0 outside"),
+    (["--keep", "101"], "keep 101 outside"),
+    (["--method", "full", "--keep", "5"], "keeps all"),
+])
+def test_run_bad_budget(model_dir, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["run", "--model", str(model_dir), *argv])
+
+
+def test_run_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match="not a LLaVA model directory"):
+        cli.main(["run", "--model", str(tmp_path)])
+
+
+def test_expand_and_left_pad():
+    assert expand([1, 5, 9, 2], 9, 3) == [1, 5, 9, 9, 9, 2]
+    ids, mask = left_pad([[1, 2, 3], [4]], 0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
