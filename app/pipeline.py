@@ -20,10 +20,10 @@ from convert.checkpoint import load_model
 from convert.hf_config import processor_path, tokenizer_path
 from models.generate import generate
 from models.llama import FastV
-from models.llava import LlavaConfig, Pruning
+from models.llava import GIVEN, LlavaConfig, Pruning
 
 log = logging.getLogger(__name__)
-METHODS = ("full", *svdprune_jax.METHODS, "fastv")
+METHODS = ("full", *svdprune_jax.METHODS, "fastv")  # answer() also takes GIVEN, with the caller's scores
 CHAT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's conversation format
 
 
@@ -59,7 +59,7 @@ class Pipeline:
 
     def budget(self, method: str, keep: int | None) -> int:
         """Image tokens the language model reads; checks the method and the budget."""
-        if method not in METHODS:
+        if method not in (*METHODS, GIVEN):
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         n = self.num_image_tokens
         if method == "full":
@@ -81,8 +81,10 @@ class Pipeline:
 
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, method: str = "svd",
                keep: int | None = None, max_new_tokens: int = 16, template: str = CHAT_TEMPLATE,
-               key: jax.Array | None = None, timed: bool = False) -> tuple[list[Answer], dict[str, float]]:
-        """Greedy answers for a batch (one image per question), and the stage timings when `timed`."""
+               key: jax.Array | None = None, scores: np.ndarray | None = None, timed: bool = False
+               ) -> tuple[list[Answer], dict[str, float]]:
+        """Greedy answers for a batch (one image per question), and the stage timings when `timed`.
+        scores (B, N): per-token scores for method GIVEN, which keeps the `keep` highest of each image."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images for {len(questions)} questions")
         budget = self.budget(method, keep)
@@ -100,7 +102,7 @@ class Pipeline:
                        max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                        pad_token_id=self.tokenizer.pad_token_id or 0,
                        pruning=None if in_llm else Pruning(method, budget),
-                       fastv=FastV(budget) if method == "fastv" else None, key=key, timed=timed)
+                       fastv=FastV(budget) if method == "fastv" else None, key=key, scores=scores, timed=timed)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         kept = None if out.kept is None else np.asarray(out.kept)
         answers = []

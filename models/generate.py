@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 
 import svdprune_jax
 from models.llama import FastV, init_cache
-from models.llava import Llava, Pruning, check_prompts
+from models.llava import GIVEN, Llava, Pruning, check_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +85,11 @@ def _cache_lengths(prompt_len: int, n_image: int, max_new_tokens: int, fastv: Fa
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("pruning", "fastv", "max_new_tokens"))
-def _generate(graphdef, state, pixel_values, input_ids, mask, key, temperature, top_p, eos_token_id, pad_token_id, *,
-              pruning, fastv, max_new_tokens):
+def _generate(graphdef, state, pixel_values, input_ids, mask, key, scores, temperature, top_p, eos_token_id,
+              pad_token_id, *, pruning, fastv, max_new_tokens):
     model = nnx.merge(graphdef, state)
     encode_key, sample_key = jax.random.split(key)
-    image_embeds, kept = model.encode_images(pixel_values, pruning, encode_key)
+    image_embeds, kept = model.encode_images(pixel_values, pruning, encode_key, scores)
     cache = init_cache(model.config.text, input_ids.shape[0],
                        _cache_lengths(input_ids.shape[1], image_embeds.shape[1], max_new_tokens, fastv), fastv,
                        image_embeds.dtype)
@@ -100,8 +100,8 @@ def _generate(graphdef, state, pixel_values, input_ids, mask, key, temperature, 
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("pruning",))
-def _encode_jit(graphdef, state, pixel_values, key, *, pruning):
-    return nnx.merge(graphdef, state).encode_images(pixel_values, pruning, key)
+def _encode_jit(graphdef, state, pixel_values, key, scores, *, pruning):
+    return nnx.merge(graphdef, state).encode_images(pixel_values, pruning, key, scores)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("fastv",), donate_argnames=("cache",))
@@ -114,7 +114,7 @@ def _decode_jit(graphdef, state, *args, max_new_tokens):
     return _decode(nnx.merge(graphdef, state), *args, max_new_tokens=max_new_tokens)
 
 
-def _timed_generate(graphdef, state, pixel_values, input_ids, mask, key, temperature, top_p, eos_token_id,
+def _timed_generate(graphdef, state, pixel_values, input_ids, mask, key, scores, temperature, top_p, eos_token_id,
                     pad_token_id, *, pruning, fastv, max_new_tokens):
     """The stages of `_generate`, jitted one by one, with the wall time of each (blocking after each)."""
     timings = {}
@@ -126,7 +126,7 @@ def _timed_generate(graphdef, state, pixel_values, input_ids, mask, key, tempera
         return out
 
     encode_key, sample_key = jax.random.split(key)
-    image_embeds, kept = clock("encode", _encode_jit, pixel_values, encode_key, pruning=pruning)
+    image_embeds, kept = clock("encode", _encode_jit, pixel_values, encode_key, scores, pruning=pruning)
     lengths = _cache_lengths(input_ids.shape[1], image_embeds.shape[1], max_new_tokens, fastv)
     cache = init_cache(nnx.merge(graphdef, state).config.text, input_ids.shape[0], lengths, fastv, image_embeds.dtype)
     logits, cache, pos, columns = clock("prefill", _prefill_jit, input_ids, mask, image_embeds, cache, fastv=fastv)
@@ -139,13 +139,14 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
              input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None = None, *, max_new_tokens: int,
              eos_token_id: int | None, pad_token_id: int = 0, pruning: Pruning | None = None,
              fastv: FastV | None = None, temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
-             bucket: int = 64, timed: bool = False) -> Generation:
+             scores: Float[Array, "B N"] | None = None, bucket: int = 64, timed: bool = False) -> Generation:
     """Generate up to `max_new_tokens` per row for a left-padded batch of prompts, one image each.
 
     `graphdef, state = nnx.split(model)` once, outside. pixel_values (B, C, H, W) as the CLIP processor gives
     them; input_ids/attention_mask (B, T), left padding only; each prompt carries exactly `pruning.k` image
     tokens (unpruned: config.num_image_tokens). Prompts are left-padded further to a multiple of `bucket`.
     temperature 0 is greedy; sampling (and random pruning) need `key`. eos_token_id None: never stop early.
+    scores (B, N): per-token scores for `Pruning(GIVEN, k)`, which keeps the k highest (e.g. an oracle's).
     timed: run encode / prefill / decode as separate jits and report each one's seconds (the first call of
     a shape includes its compilation).
     """
@@ -159,6 +160,12 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     if longest + max_new_tokens > cfg.text.max_position_embeddings:
         raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
                          f"{cfg.text.max_position_embeddings} positions")
+    given = pruning is not None and pruning.method == GIVEN
+    if given != (scores is not None):
+        raise ValueError(f"per-token scores go with pruning method {GIVEN!r}, and only with it")
+    if given and (np.shape(scores) != (ids.shape[0], cfg.num_image_tokens) or not np.isfinite(scores).all()):
+        raise ValueError(f"scores must be finite, of shape (B, N) = {(ids.shape[0], cfg.num_image_tokens)}; "
+                         f"got {np.shape(scores)}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
     if key is None:
@@ -170,7 +177,8 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     mask = np.pad(mask, ((0, 0), (pad, 0)))
     run = _timed_generate if timed else _generate
     eos = -1 if eos_token_id is None else eos_token_id
-    out = run(graphdef, state, jnp.asarray(pixel_values), jnp.asarray(ids), jnp.asarray(mask), key, jnp.float32(temperature),
+    scores = None if scores is None else jnp.asarray(scores, jnp.float32)
+    out = run(graphdef, state, jnp.asarray(pixel_values), jnp.asarray(ids), jnp.asarray(mask), key, scores, jnp.float32(temperature),
               jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_token_id), pruning=pruning, fastv=fastv,
               max_new_tokens=max_new_tokens)
     (tokens, lengths, kept, columns), timings = out if timed else (out, {})

@@ -80,6 +80,9 @@ LLAVA_15_7B = LlavaConfig(vision=CLIP_VIT_L_14_336, text=_vicuna(4096, 11008, 32
 LLAVA_15_13B = LlavaConfig(vision=CLIP_VIT_L_14_336, text=_vicuna(5120, 13824, 40, 40), image_token_id=32000)
 
 
+GIVEN = "given"  # Pruning method: the top k of per-token scores the caller hands in (not a svdprune_jax method)
+
+
 @dataclasses.dataclass(frozen=True)
 class Pruning:
     """Static pruning choice: `svdprune_jax.prune(features, k, method, **dict(options))`, which checks it."""
@@ -122,12 +125,16 @@ class Llava(nnx.Module):
         return feats[:, first:], cls_attn
 
     def encode_images(self, pixel_values: Float[Array, "B C H W"], pruning: Pruning | None = None,
-                      key: jax.Array | None = None):
-        """Projected image embeddings (B, k, D) and kept token indices (B, k) into the N features (None unpruned)."""
+                      key: jax.Array | None = None, scores: Float[Array, "B N"] | None = None):
+        """Projected image embeddings (B, k, D) and kept token indices (B, k) into the N features (None unpruned).
+        Method GIVEN keeps the k highest of the caller's per-token `scores` (an oracle's, in evaluations)."""
         needs_attn = pruning is not None and pruning.method in svdprune_jax.NEEDS_CLS_ATTENTION
         feats, cls_attn = self.image_features(pixel_values, cls_attention=needs_attn)
         kept = None
-        if pruning is not None:
+        if pruning is not None and pruning.method == GIVEN:
+            kept = svdprune_jax.select_tokens(scores, pruning.k)
+            feats = svdprune_jax.gather_tokens(feats, kept)
+        elif pruning is not None:
             feats, kept = svdprune_jax.prune(feats, pruning.k, pruning.method, key=key, cls_attention=cls_attn,
                                              **dict(pruning.options))
         return self.multi_modal_projector(feats), kept

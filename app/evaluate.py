@@ -1,0 +1,129 @@
+"""`svdprune-jax eval synthetic|gqa|textvqa ...`: accuracy of pruning methods x budgets.
+
+  synthetic       the bundled benchmark's test split, every method and budget (see `app.eval_synthetic`)
+  gqa, textvqa    the paper's benchmarks from their official files (layouts in `app.vqa_data`), through the
+                  resumable harness (`app.eval_harness`) with LLaVA-1.5's evaluation prompt and greedy decoding
+
+    svdprune-jax eval gqa --data DIR --model DIR [--methods svd,fastv] [--keep 64,32,16] [--out DIR] [--strict]
+
+Images that are not RGB (real datasets hold a few, e.g. grayscale JPEGs) are converted, as LLaVA's own
+evaluation converts every image, with a warning naming the file (once per run); `--no-convert-rgb` refuses them.
+Mean time per sample excludes compilation: every run that still has questions to answer is compiled on one
+batch before the harness starts its clock.
+"""
+import argparse
+import sys
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+from app import eval_harness, eval_synthetic, vqa_data
+from app.bundled import MODEL_DIR
+from app.pictures import accuracy_plot
+from app.pipeline import METHODS, Pipeline, read_image
+
+BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
+VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
+
+
+def vqa_predict(pipe: Pipeline, *, batch: int, max_new_tokens: int, convert_rgb: bool) -> eval_harness.Predict:
+    """The harness's predict: LLaVA-1.5's eval prompt, greedy answers, batches filled up to `batch` rows by
+    repeating questions (their answers dropped) so that one compiled shape serves a whole run."""
+    def predict(samples: Sequence[vqa_data.Sample], method: str, budget: int | None) -> list[str]:
+        images = [read_image(s.image, convert=convert_rgb) for s in samples]
+        rows = [i % len(samples) for i in range(max(batch, len(samples)))]
+        key = jax.random.key(zlib.crc32(samples[0].qid.encode()))  # random pruning: fixed by the batch
+        answers, _ = pipe.answer([images[i] for i in rows], [samples[i].question for i in rows],
+                                 method=method, keep=budget, max_new_tokens=max_new_tokens,
+                                 template=vqa_data.PROMPT, key=key)
+        return [a.text for a in answers[:len(samples)]]
+    return predict
+
+
+def warm_up(dataset: vqa_data.Dataset, predict: eval_harness.Predict, runs, out_dir: Path, batch: int) -> None:
+    """Compiles every run that still has questions to answer, so the harness's timings exclude compilation."""
+    for method, budget in [eval_harness.BASELINE, *runs]:
+        done = eval_harness.read_results(eval_harness.results_path(out_dir, method, budget))
+        if any(s.qid not in done for s in dataset.samples):
+            predict(dataset.samples[:batch], method, budget)
+
+
+def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
+    p = argparse.ArgumentParser(prog=f"svdprune-jax eval {name}",
+                                description=f"{name}: accuracy of every method x budget, resumable")
+    p.add_argument("--data", type=Path, required=True,
+                   help=f"directory with {' and '.join(vqa_data.LAYOUTS[name])}")
+    p.add_argument("--model", type=Path, required=True, help="HF LLaVA directory or our converted checkpoint")
+    p.add_argument("--methods", nargs="+", default=list(VQA_METHODS), help=f"from {', '.join(VQA_METHODS)}")
+    p.add_argument("--keep", nargs="+", default=["64", "32", "16"], help="image tokens kept (default 64,32,16)")
+    p.add_argument("--out", type=Path, default=None, help=f"results directory (default eval/{name})")
+    p.add_argument("--strict", action="store_true", help="fail on bad entries instead of skipping them")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--convert-rgb", action=argparse.BooleanOptionalAction, default=True,
+                   help="convert non-RGB images with a warning (default), or refuse them")
+    args = p.parse_args(argv)
+    methods = items(args.methods)
+    try:
+        keeps = [int(k) for k in items(args.keep)]
+    except ValueError:
+        raise ValueError(f"--keep takes token counts, got {args.keep}") from None
+    bad = [m for m in methods if m not in VQA_METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(VQA_METHODS)}")
+    if args.batch < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError(f"--batch {args.batch} and --limit {args.limit} must be >= 1")
+    dataset = vqa_data.load(name, args.data, strict=args.strict)
+    if args.limit is not None:
+        dataset = vqa_data.Dataset(name, dataset.samples[:args.limit], dataset.skipped)
+    pipe = Pipeline.load(args.model)
+    for method in methods:
+        for k in keeps:
+            pipe.budget(method, k)  # bad budgets fail before any work
+    runs = [(m, k) for m in methods for k in keeps]
+    out = args.out or Path("eval") / name
+    predict = vqa_predict(pipe, batch=args.batch, max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb)
+    out.mkdir(parents=True, exist_ok=True)
+    warm_up(dataset, predict, runs, out, args.batch)
+    rows = eval_harness.evaluate(dataset, predict, runs, out, batch_size=args.batch)
+    accuracy_plot([dict(method=r.method, keep=r.budget or pipe.num_image_tokens, accuracy=r.accuracy_pct)
+                   for r in rows], out / "summary.png", f"{name}, n={len(dataset.samples)}")
+    print(f"wrote {out}/summary.csv, summary.png")
+    return rows
+
+
+def synthetic_main(argv: Sequence[str]) -> list[dict]:
+    methods, budgets = eval_synthetic.METHODS, eval_synthetic.BUDGETS
+    p = argparse.ArgumentParser(prog="svdprune-jax eval synthetic",
+                                description=eval_synthetic.__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=MODEL_DIR, help="LLaVA directory (default: the bundled model)")
+    p.add_argument("--n", type=int, default=500, help="test questions (default 500)")
+    p.add_argument("--methods", nargs="+", default=list(methods), help=f"from {', '.join(methods)} (default all)")
+    p.add_argument("--budgets", nargs="+", default=list(budgets),
+                   help="shares of the image tokens (50%%, 64/576) or token counts (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="random-pruning seeds (default 3)")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=3, help="answers are one word and </s> (default 3)")
+    p.add_argument("--out", type=Path, default=Path("eval/synthetic"))
+    a = p.parse_args(argv)
+    return eval_synthetic.run(a.model, a.out, n=a.n, methods=items(a.methods), budgets=items(a.budgets),
+                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens)
+
+
+def items(values: Sequence[str]) -> list[str]:
+    """A command-line list, given as separate words or comma-separated."""
+    return [v for value in values for v in value.split(",") if v]
+
+
+def main(argv: Sequence[str] | None = None):
+    p = argparse.ArgumentParser(prog="svdprune-jax eval", description=__doc__.split("\n\n")[0],
+                                epilog="`svdprune-jax eval BENCHMARK --help` lists a benchmark's options")
+    p.add_argument("benchmark", choices=BENCHMARKS)
+    p.add_argument("options", nargs=argparse.REMAINDER)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.benchmark == "synthetic":
+        return synthetic_main(args.options)
+    return vqa_main(args.benchmark, args.options)

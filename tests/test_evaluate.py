@@ -1,0 +1,241 @@
+"""`svdprune-jax eval synthetic|gqa|textvqa` end to end on a tiny random model, and the pieces it adds:
+object recall, the oracle, random over seeds, batch filling, RGB conversion, resume.
+
+Every model run uses batch 4, 3 new tokens and budgets 50 / 3 of the tiny model's 100 image tokens, so the
+runs share their compiled programs (each method x budget compiles once per test session)."""
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import eval_synthetic, evaluate
+from app.bundled import SCENES
+from app.eval_harness import read_results, results_path
+from app.pipeline import GIVEN, Answer, Pipeline
+from app.synthetic import FAMILIES, make_sample, split_seeds
+from tiny_bundled import tiny_model_dir
+
+SCENE = SCENES["tiny"]  # 80 px, patch 8: 100 image tokens
+RUN = ["--batch", "4", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("eval") / "model")
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---- recall, oracle, budgets: hand-checked cases
+
+def test_object_recall_hand_checked():
+    mask = np.array([[1, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]], bool)
+    kept = np.array([[0, 2, 4], [0, 1, 2], [1, 3, 5]])
+    np.testing.assert_array_equal(eval_synthetic.object_recall(kept, mask), [2 / 3, np.nan, 1.0])
+
+
+def test_oracle_keeps_the_object_first_most_covered_first():
+    mask = np.array([[0, 1, 1, 0, 1, 0]], bool)
+    coverage = np.array([[0.1, 0.5, 0.9, 0.2, 0.3, 0.0]], np.float32)  # 0.1 and 0.2: below MIN_COVERAGE
+    order = np.argsort(-eval_synthetic.oracle_scores(mask, coverage)[0], kind="stable")
+    assert order[:3].tolist() == [2, 1, 4]
+    # the rest in a fixed random order, the same row whatever the number of questions
+    many = eval_synthetic.oracle_scores(np.repeat(mask, 5, 0), np.repeat(coverage, 5, 0))
+    np.testing.assert_array_equal(many[0], eval_synthetic.oracle_scores(mask, coverage)[0])
+
+
+@pytest.mark.parametrize("spec, k", [("100%", 100), ("50%", 50), ("25%", 25), ("64/576", 11), ("16/576", 3),
+                                     ("7", 7)])
+def test_budget_tokens(spec, k):
+    assert eval_synthetic.budget_tokens(spec, 100) == k
+
+
+@pytest.mark.parametrize("spec, message", [("0", "outside"), ("101", "outside"), ("150%", "outside"),
+                                           ("1/0", "expected a share"), ("half", "expected a share")])
+def test_budget_tokens_bad(spec, message):
+    with pytest.raises(ValueError, match=message):
+        eval_synthetic.budget_tokens(spec, 100)
+
+
+# ---- the sweep's bookkeeping, without a model
+
+class FakePipe:
+    """Answers right except on the count family; keeps the first k tokens (oracle: the top k scores)."""
+    num_image_tokens = SCENE.num_patches
+
+    def __init__(self, test):
+        self.gold = {id(im): (a, f) for im, a, f in zip(test.images, test.answers, test.families)}
+        self.batches, self.methods = [], []
+
+    def answer(self, images, questions, *, method, keep, max_new_tokens, key, scores=None):
+        self.batches.append(len(images))
+        self.methods.append(method)
+        k = self.num_image_tokens if keep is None else keep
+        order = np.arange(self.num_image_tokens) if scores is None else np.argsort(-scores, axis=1, kind="stable")
+        kept = np.broadcast_to(order, (len(images), self.num_image_tokens))[:, :k]
+        return [Answer("wrong" if self.gold[id(im)][1] == "count" else self.gold[id(im)][0], [], [],
+                       None if method in ("full", "fastv") else sorted(kept[i].tolist()))
+                for i, im in enumerate(images)], {}
+
+
+def test_sweep_bookkeeping():
+    test = eval_synthetic.load_test_set(11, SCENE)
+    pipe = FakePipe(test)
+    runs = eval_synthetic.sweep(pipe, test, ["random", "fastv", "oracle"], ["50%", "3"], seeds=3, batch=4)
+    assert set(pipe.batches) == {4}  # 11 questions: the last batch filled up to 4
+    assert pipe.methods.count("given") == 6 and "oracle" not in pipe.methods
+    rows = eval_synthetic.summarize(runs, test.families)
+    assert [(r["method"], r["budget"], r["keep"], r["seeds"]) for r in rows] == [
+        ("full", "all", 100, 1), ("random", "50%", 50, 3), ("fastv", "50%", 50, 1), ("oracle", "50%", 50, 1),
+        ("random", "3", 3, 3), ("fastv", "3", 3, 1), ("oracle", "3", 3, 1)]
+    wrong = np.mean(test.families == "count")
+    for r in rows:  # every answer of the 11 counted once: the filled-up rows are dropped
+        assert r["accuracy"] == pytest.approx(100 * (1 - wrong)) and r["accuracy_std"] == 0
+        assert r["accuracy_count"] == 0 and r["accuracy_colour"] == 100
+    first = np.arange(100) < 50  # FakePipe keeps patches 0..49 for every method but the oracle
+    asked = test.mask.any(1)
+    assert rows[1]["recall"] == pytest.approx(np.mean((test.mask & first).sum(1)[asked] / test.mask.sum(1)[asked]))
+    assert rows[2]["recall"] is None and rows[0]["recall"] is None  # no kept patches before the LLM
+    assert rows[3]["recall"] == 1.0  # 50 tokens hold every asked object of these scenes
+
+
+def test_sweep_refuses_bad_methods():
+    test = eval_synthetic.load_test_set(2, SCENE)
+    for methods in (["svd", "nope"], ["svd", "svd"], ["full"]):
+        with pytest.raises(ValueError, match="each once"):
+            eval_synthetic.sweep(FakePipe(test), test, methods, ["50%"])
+
+
+# ---- synthetic end to end on the tiny random model
+
+def test_eval_synthetic_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "syn"
+    evaluate.main(["synthetic", "--model", str(model_dir), "--n", "6", "--methods", "svd,oracle",
+                   "--budgets", "50%", "16/576", "--seeds", "2", "--out", str(out), *RUN])
+    printed = capsys.readouterr().out
+    assert "accuracy %" in printed and "object recall" in printed and "16/576 (3)" in printed
+    rows = read_csv(out / "synthetic.csv")
+    assert [(r["method"], r["budget"], r["keep"]) for r in rows] == [
+        ("full", "all", "100"), ("svd", "50%", "50"), ("oracle", "50%", "50"), ("svd", "16/576", "3"),
+        ("oracle", "16/576", "3")]
+    assert {f"accuracy_{f}" for f in FAMILIES} <= set(rows[0])
+    masks = [make_sample(seed, SCENE).mask.ravel() for seed in split_seeds("test", 6)]
+    sizes = np.array([m.sum() for m in masks if m.any()])
+    recall = {(r["method"], r["keep"]): r["recall"] for r in rows}
+    assert recall[("full", "100")] == ""
+    assert float(recall[("oracle", "50")]) == 1.0  # the budget exceeds every mask
+    assert float(recall[("oracle", "3")]) == pytest.approx(np.mean(np.minimum(1, 3 / sizes)))
+    assert 0 <= float(recall[("svd", "3")]) <= 1
+    doc = json.loads((out / "synthetic.json").read_text())
+    assert doc["n"] == 6 and doc["image_tokens"] == 100 and doc["budgets"] == {"50%": 50, "16/576": 3}
+    assert len(doc["runs"]) == len(rows) and doc["rows"][1]["method"] == "svd"
+    assert Image.open(out / "synthetic.png").size[0] > 100
+
+
+def test_given_scores_select_the_kept_tokens(model_dir):
+    """The oracle's way in: Pipeline.answer(method=GIVEN, scores=...) keeps the top k of each row's scores."""
+    pipe = Pipeline.load(model_dir)
+    samples = [make_sample(seed, SCENE) for seed in split_seeds("test", 4)]
+    images, questions = [Image.fromarray(s.image) for s in samples], [s.question for s in samples]
+    scores = np.random.default_rng(1).random((4, 100)).astype(np.float32)
+    answers, _ = pipe.answer(images, questions, method=GIVEN, keep=50, scores=scores, max_new_tokens=3)
+    assert [a.kept_indices for a in answers] == np.sort(np.argsort(-scores, axis=1)[:, :50], axis=1).tolist()
+    with pytest.raises(ValueError, match="scores go with pruning method 'given'"):
+        pipe.answer(images, questions, method="svd", keep=50, scores=scores)
+    with pytest.raises(ValueError, match="scores go with pruning method 'given'"):
+        pipe.answer(images, questions, method=GIVEN, keep=50)
+    with pytest.raises(ValueError, match=r"scores must be finite, of shape \(B, N\) = \(4, 100\)"):
+        pipe.answer(images, questions, method=GIVEN, keep=50, scores=scores[:, :99])
+
+
+# ---- GQA / TextVQA end to end on fixtures in the official formats
+
+def _save(image, path, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).convert(mode).save(path, format="JPEG")
+
+
+def write_gqa(root, n=6):
+    """GQA testdev-balanced format from the synthetic generator; the last image grayscale, one image missing."""
+    questions = {}
+    for i, seed in enumerate(split_seeds("test", n)):
+        s = make_sample(seed, SCENE)
+        questions[f"q{i}"] = dict(imageId=f"n{i}", question=s.question, answer=s.answer.lower(), isBalanced=True,
+                                  fullAnswer=f"It is {s.answer}.", types={"structural": "query"})
+        _save(s.image, root / "images" / f"n{i}.jpg", "L" if i == n - 1 else "RGB")
+    questions["lost"] = dict(questions["q0"], imageId="nowhere")
+    (root / "testdev_balanced_questions.json").write_text(json.dumps(questions))
+    return root
+
+
+def write_textvqa(root, n=6):
+    """TextVQA val format (10 human answers) from the generator; one entry has no answers."""
+    data = []
+    for i, seed in enumerate(split_seeds("test", n)):
+        s = make_sample(seed, SCENE)
+        data.append(dict(question_id=100 + i, image_id=f"t{i}", question=s.question, set_name="val",
+                         answers=[s.answer] * 7 + ["unanswerable"] * 3, image_classes=["Sign"]))
+        _save(s.image, root / "train_images" / f"t{i}.jpg")
+    data.append(dict(data[0], question_id=999, answers=[]))
+    (root / "TextVQA_0.5.1_val.json").write_text(json.dumps(dict(dataset_name="textvqa", data=data)))
+    return root
+
+
+def test_eval_gqa_end_to_end_and_resume(model_dir, tmp_path, capsys, caplog):
+    data, out = write_gqa(tmp_path / "gqa"), tmp_path / "out"
+    argv = ["gqa", "--data", str(data), "--model", str(model_dir), "--methods", "svd", "--keep", "50",
+            "--out", str(out), *RUN]
+    with caplog.at_level(logging.WARNING):
+        rows = evaluate.main(argv)
+    assert "skipping question lost" in caplog.text and "n5.jpg is L; converted to RGB" in caplog.text
+    assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1), ("svd", 50, 6, 1)]
+    table = read_csv(out / "summary.csv")
+    assert [(r["method"], r["budget"]) for r in table] == [("full", "all"), ("svd", "50")]
+    assert (out / "summary.png").is_file() and "accuracy %" in capsys.readouterr().out
+
+    # interrupted: svd lost its last answers, the write of one was cut off; summary gone
+    path = results_path(out, "svd", 50)
+    lines = path.read_text().splitlines(keepends=True)
+    answered = read_results(path)
+    path.write_text("".join(lines[:2]) + lines[2][:9])
+    (out / "summary.csv").unlink()
+    again = evaluate.main(argv)
+    timeless = lambda rows: [(r.method, r.budget, r.accuracy_pct, r.count, r.skipped) for r in rows]
+    assert timeless(again) == timeless(rows)
+    assert {q: r["prediction"] for q, r in read_results(path).items()} == \
+        {q: r["prediction"] for q, r in answered.items()}  # the lost answers were given again, the same
+    assert [r["accuracy_pct"] for r in read_csv(out / "summary.csv")] == [r["accuracy_pct"] for r in table]
+
+
+def test_eval_textvqa_end_to_end(model_dir, tmp_path, caplog):
+    data, out = write_textvqa(tmp_path / "textvqa"), tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        rows = evaluate.main(["textvqa", "--data", str(data), "--model", str(model_dir), "--methods", "svd",
+                              "--keep", "50", "--limit", "5", "--out", str(out), *RUN])
+    assert "skipping question 999: no answers" in caplog.text
+    assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 5, 1), ("svd", 50, 5, 1)]
+    for method, budget in (("full", None), ("svd", 50)):
+        results = read_results(results_path(out, method, budget))
+        assert sorted(results) == ["100", "101", "102", "103", "104"]
+        assert all(0 <= r["score"] <= 1 for r in results.values())
+
+
+def test_eval_vqa_bad_input(model_dir, tmp_path):
+    data = write_gqa(tmp_path / "gqa")
+    base = ["gqa", "--data", str(data), "--model", str(model_dir), "--out", str(tmp_path / "out"), *RUN]
+    with pytest.raises(ValueError, match="1 bad gqa entries.*lost: missing image file"):
+        evaluate.main(base + ["--strict"])
+    (data / "testdev_balanced_questions.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((data / "testdev_balanced_questions.json").read_text()).items() if k == "q5"}))
+    with pytest.raises(ValueError, match="n5.jpg is L, not RGB"):
+        evaluate.main(base + ["--no-convert-rgb", "--methods", "svd", "--keep", "50"])
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate.main(base + ["--methods", "full"])
+    with pytest.raises(ValueError, match="keep 101 outside"):
+        evaluate.main(base + ["--methods", "svd", "--keep", "101"])
