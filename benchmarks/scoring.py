@@ -1,11 +1,16 @@
 """Leverage-score solvers at LLaVA-1.5 geometry (N=576 tokens, D=1024): speed and float32 accuracy.
 
-    python -m benchmarks.scoring [--rank 64] [--reps 7]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.scoring [--rank 64] [--reps 7] [--torch-threads 1]
 
 Times (median and best ms after one warm-up call, compile time separately) for one image and a vmap batch of 8:
 our solvers under jit, NumPy float64 SVD leverage and torch.linalg.svd float32 leverage. Then the max
-relative error (max |l - l64| / max l64) of each solver against the float64 reference on three spectra.
+relative error (max |l - l64| / max l64) of each solver against the float64 reference on Gaussian,
+low-rank-plus-noise and CLIP-like matrices (ranks 16/64, centred, energy 0.9).
 The "auto" solver is chosen from these numbers: the fastest solver that stays within 1e-4 everywhere.
+
+On a shared machine set OPENBLAS_NUM_THREADS=1: jax's CPU LAPACK kernels (svd, eigh, qr) and NumPy run
+on scipy's OpenBLAS, whose spinning threads made jnp.linalg.svd 6-8x slower under load from other
+processes here; give torch the same thread count with --torch-threads.
 """
 import argparse
 import os
@@ -71,12 +76,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     rng = np.random.default_rng(0)
     inputs = {1: rng.standard_normal((N, D)).astype(np.float32), B: rng.standard_normal((B, N, D)).astype(np.float32)}
-    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, {os.cpu_count()} cores; "
-          f"N={N}, D={D}, rank={args.rank}; batch {B} = jax.vmap / stacked NumPy and torch calls")
+    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({args.torch_threads} threads), "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"N={N}, D={D}, rank={args.rank}; batch {B} = jax.vmap / stacked NumPy and torch calls")
     scorers = {f"jax {s}": (lambda x, s=s: sp.leverage_scores(x, args.rank, solver=s)) for s in SOLVERS}
     scorers["jax svd energy=0.9"] = lambda x: sp.leverage_scores(x, energy=0.9, solver="svd")
     scorers["jax gram energy=0.9"] = lambda x: sp.leverage_scores(x, energy=0.9, solver="gram")
