@@ -1,0 +1,90 @@
+"""Smoke tests of the bundled model's training (app.train) on the tiny recipe: every stage learns, an interrupted
+run resumes to exactly the state of an uninterrupted one, and the export loads in transformers with our logits."""
+import numpy as np
+import pytest
+
+from app import train as T
+from app.synthetic import make_sample
+from app.vocab import image_processor
+
+RECIPE = T.RECIPES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny recipe through stage 3 twice: once straight, once stopped in stage 1 and again in stage 2."""
+    straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
+    T.Run(RECIPE, straight, workers=1).run(until="3")
+    for max_steps in (3, 6, None):  # stage 1 stops at 3/8; then stage 1 ends and stage 2 stops at 6/8; then done
+        T.Run(RECIPE, resumed, workers=1).run(until="3", max_steps=max_steps)
+    return straight, resumed
+
+
+def _losses(history: T.History, stage: int) -> list[float]:
+    return [r["loss"] for r in history.records if r["stage"] == stage and r["kind"] == "train"]
+
+
+def test_every_stage_learns(runs):
+    history = T.History(runs[0] / "history.jsonl")
+    for stage in (1, 2):
+        loss = _losses(history, stage)
+        assert len(loss) == RECIPE.stages[stage - 1].steps
+        assert np.mean(loss[-2:]) < 0.8 * np.mean(loss[:2]), (stage, loss)
+    assert np.isfinite(_losses(history, 3)).all()
+    val = [r for r in history.records if r["kind"] == "val"]
+    assert {r["stage"] for r in val} == {1, 2, 3} and all("overall" in r for r in val if r["stage"] > 1)
+
+
+def test_resume_reproduces_the_uninterrupted_run(runs):
+    straight, resumed = (np.load(d / "stage3.npz") for d in runs)
+    assert straight.files == resumed.files
+    for k in straight.files:
+        np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
+    a, b = (T.History(d / "history.jsonl") for d in runs)
+    assert [_losses(a, s) for s in (1, 2, 3)] == [_losses(b, s) for s in (1, 2, 3)]
+
+
+def test_checkpoint_round_trip(runs, tmp_path):
+    graphdef, states = T.build(RECIPE)
+    stage, step, _, opt = T.load_checkpoint(runs[1] / "stage2.npz", states)
+    assert (stage, step, opt) == (2, RECIPE.stages[1].steps, None)
+    T.save_checkpoint(tmp_path / "again.npz", states, None, stage, step, 0.0)
+    a, b = np.load(runs[1] / "stage2.npz"), np.load(tmp_path / "again.npz")
+    for k in a.files:
+        if k != "seconds":
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_export_loads_in_transformers_with_our_logits(runs, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import LlavaForConditionalGeneration
+
+    run = T.Run(RECIPE, runs[0], workers=1)
+    T.load_checkpoint(runs[0] / "stage3.npz", run.states)
+    model = T.merge(run.graphdef, run.states).model
+    T.export(model, run.scene, tmp_path / "hf")
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = np.asarray(T.vqa_eval(run.states, {k: run.val[k][:4] for k in ("image", "ids", "mask")},
+                               graphdef=run.graphdef))
+    pixels = np.asarray(T.pixel_values(run.val["image"][:4]))
+    ids, mask = run.val["ids"][:4, :-1], run.val["mask"][:4, :-1]
+    position_ids = np.maximum(np.cumsum(mask, 1) - 1, 0)  # as ours and generate: 0 at the first real token
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(position_ids), pixel_values=torch.tensor(pixels)).logits[:, -2:].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_pixel_values_match_the_clip_processor():
+    images = np.stack([make_sample(s).image for s in (3, 4)])
+    want = image_processor()(images=list(images), return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(np.asarray(T.pixel_values(images)), want, atol=1e-5)
+
+
+def test_order_visits_every_sample_once_per_epoch():
+    n, batch = 10, 4
+    seen = np.concatenate([T.order(0, 1, step, batch, n) for step in range(5)])  # two epochs
+    assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
+    assert not np.array_equal(seen[:n], seen[n:2 * n])
+    np.testing.assert_array_equal(T.order(0, 1, 3, batch, n), seen[12:16])
