@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 import svdprune_jax
 from convert.checkpoint import load_model
 from convert.hf_config import processor_path, tokenizer_path
+from models import stack
 from models.generate import generate
 from models.llama import FastV
 from models.llava import GIVEN, LlavaConfig, Pruning
@@ -48,7 +49,8 @@ class Pipeline:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir}: not a LLaVA model directory (no config.json)")
-        model = load_model(model_dir, dtype)
+        # one weight buffer per layer: XLA:CPU copies dynamically indexed layer slices in the decode loop
+        model = stack.per_layer(load_model(model_dir, dtype))
         graphdef, state = nnx.split(model)
         return cls(graphdef, state, model.config, AutoTokenizer.from_pretrained(tokenizer_path(model_dir)),
                    CLIPImageProcessorPil.from_pretrained(processor_path(model_dir)))

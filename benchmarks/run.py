@@ -18,13 +18,17 @@ targets, and the stacked -> per-layer layout change. --smoke: tiny configs, one 
 layout comparison, no compile-cache processes).
 Writes DIR/bench.json and DIR/bench.md.
 """
-import argparse
+import os
+
+# JAX's CPU svd/eigh and NumPy run on OpenBLAS, whose spinning threads fight XLA's for the cores (scoring.py);
+# one BLAS thread, set before NumPy loads (`python -m benchmarks.run`; callers importing main set it themselves).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -168,7 +172,7 @@ class Reference:
         feats = self.features(px)
         if kept is not None:
             leverage_torch(feats, kept.shape[1]).topk(kept.shape[1]).indices.sort()  # its own scoring, timed
-            idx = torch.from_numpy(np.asarray(kept)).long()
+            idx = torch.from_numpy(np.array(kept)).long()
             feats = torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[-1]))
         image = self.hf.model.multi_modal_projector(feats)
         ids = torch.from_numpy(ids)
@@ -271,8 +275,8 @@ class Suite:
         gemm, total = jax.jit(jnp.matmul), jax.jit(jnp.sum)
         s = self.measure({"gemm": lambda r: gemm(a, b).block_until_ready(),
                           "sum": lambda r: total(big).block_until_ready()}, max(self.reps, 5))
-        self.gemm_rate = 2 * n * 1024 * 4096 / s["gemm"].median
-        self.bandwidth = big.nbytes / s["sum"].median
+        self.gemm_rate = 2 * n * 1024 * 4096 / s["gemm"].lo  # the bounds: best runs
+        self.bandwidth = big.nbytes / s["sum"].lo
         self.extra["roofline"] = dict(gemm_gflops=self.gemm_rate / 1e9, bandwidth_gbs=self.bandwidth / 1e9,
                                       gemm_shape=f"{n}x1024 @ 1024x4096", load=load())
 
@@ -465,12 +469,9 @@ def compile_probe(preset: Preset, layout: str, cache: str | None) -> dict:
     T = bucket_length(ids.shape[1], preset.bucket)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     t = time.perf_counter()
-    args = dict(pixel_values=spec(inputs.pixels(0).shape, jnp.float32), input_ids=spec((1, T), jnp.int32),
-                mask=spec((1, T), jnp.int32), key=jax.random.key(0), scores=None, temperature=jnp.float32(0),
-                top_p=jnp.float32(1), eos_token_id=jnp.int32(-1), pad_token_id=jnp.int32(0))
-    params = inspect.signature(_generate).parameters
-    _generate.lower(gd, st, **{k: v for k, v in args.items() if k in params}, pruning=Pruning("svd", preset.k_main),
-                    fastv=None, max_new_tokens=preset.new_tokens).compile()
+    _generate.lower(gd, st, spec(inputs.pixels(0).shape, jnp.float32), spec((1, T), jnp.int32), spec((1, T), jnp.int32),
+                    jax.random.key(0), None, jnp.float32(0), jnp.float32(1), jnp.int32(-1), jnp.int32(0),
+                    pruning=Pruning("svd", preset.k_main), fastv=None, max_new_tokens=preset.new_tokens).compile()
     return dict(seconds=time.perf_counter() - t)
 
 
