@@ -88,3 +88,12 @@ def test_order_visits_every_sample_once_per_epoch():
     assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
     assert not np.array_equal(seen[:n], seen[n:2 * n])
     np.testing.assert_array_equal(T.order(0, 1, 3, batch, n), seen[12:16])
+
+
+def test_pool_2x2_averages_each_block():
+    feats = np.random.default_rng(0).normal(size=(2, 16, 3)).astype(np.float32)  # a 4 x 4 grid, row-major
+    pooled = T.pool_2x2(feats, 4)
+    grid = feats.reshape(2, 4, 4, 3)
+    assert pooled.shape == (2, 4, 3)
+    np.testing.assert_allclose(pooled[1, 1], grid[1, 0:2, 2:4].mean((0, 1)), rtol=1e-6)  # block row 0, column 1
+    np.testing.assert_allclose(pooled[0, 2], grid[0, 2:4, 0:2].mean((0, 1)), rtol=1e-6)
