@@ -18,8 +18,8 @@ def run(args):
     example = json.loads((ASSETS / "example.json").read_text())
     model_dir = args.model or MODEL_DIR
     if args.model is None and not (MODEL_DIR / "config.json").is_file():
-        raise ValueError(f"the bundled model is missing from this checkout ({MODEL_DIR}): restore it with git, "
-                         "retrain it (`svdprune-jax train`), or pass --model DIR (HF LLaVA or our checkpoint)")
+        raise ValueError(f"the bundled model is not in this checkout ({MODEL_DIR}): train it (`svdprune-jax "
+                         "train`, see the README) or pass --model DIR (an HF LLaVA directory or our checkpoint)")
     question = args.prompt or example["question"]
     image = read_image(args.image or EXAMPLE_IMAGE)
     t = time.perf_counter()
