@@ -98,7 +98,8 @@ class Recipe:
 
 RECIPES = {
     "bundled": Recipe("bundled", seed=0, n_train=30_000, n_val=500, n_test=1000,
-                      stages=(Stage(1300, 32, 1e-3, 150), Stage(3500, 32, 1e-3, 100, pooled=True), Stage(800, 32, 3e-4, 50)),
+                      stages=(Stage(1300, 32, 1e-3, 150), Stage(3500, 32, 1e-3, 100, pooled=True),
+                              Stage(800, 32, 3e-4, 50)),
                       eval_every=250, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
@@ -439,15 +440,15 @@ class Run:
     def eval_vqa(self) -> dict[str, float]:
         batches = self._batches(self.val, ("image", "ids", "mask"))
         pred = np.concatenate([np.argmax(vqa_eval(self.states, b, graphdef=self.graphdef)[:, 0], -1) for b in batches])
-        hit, fam = pred == self.val["ids"][:, -2], self.val["family"]
-        return {**{f: float(hit[fam == f].mean()) for f in FAMILIES if (fam == f).any()}, "overall": float(hit.mean())}
+        return family_accuracy(pred == self.val["ids"][:, -2], self.val["family"])
 
     # ---- stages
-    def batch(self, stage: int, idx: np.ndarray, pooled: bool = False) -> dict:
+    def batch(self, stage: int, idx: np.ndarray) -> dict:
         idx = np.sort(idx)  # sequential reads of the memory maps
         if stage == 1:
             keys = ("image", "colour", "shape", "glyph", "centre", "counts")
             return {k: jnp.asarray(self.train[k][idx]) for k in keys}
+        pooled = self.recipe.stages[stage - 1].pooled
         ids, mask = self.pooled_ids if pooled else (self.train["ids"], self.train["mask"])
         batch = {"ids": jnp.asarray(ids[idx]), "mask": jnp.asarray(mask[idx])}
         feats = self.features[idx]
@@ -492,8 +493,7 @@ class Run:
         losses, t0, n = [], time.perf_counter(), len(self.train["question"])
         with tqdm(total=spec.steps, initial=start, desc=f"stage {stage}", unit="step", dynamic_ncols=True) as bar:
             for step in range(start, stop):
-                idx = order(r.seed, stage, step, spec.batch, n)
-                batch = self.batch(stage, idx, pooled=spec.pooled)
+                batch = self.batch(stage, order(r.seed, stage, step, spec.batch, n))
                 train, opt_state, loss = step_fn(train, opt_state, frozen, batch)
                 self.states.update(train)
                 losses.append(loss)
@@ -544,15 +544,19 @@ class Run:
     def finish(self, export_dir: Path):
         model = merge(self.graphdef, self.states).model
         test = dataset(self.out, "test", self.recipe.n_test, self.scene, workers=1)
-        answers = answer(model, test["image"], test["question"])
-        hit, fam = np.array(answers) == test["answer"], test["family"]
-        scores = {**{f: float(hit[fam == f].mean()) for f in FAMILIES if (fam == f).any()}, "overall": float(hit.mean())}
+        hit = np.array(answer(model, test["image"], test["question"])) == test["answer"]
+        scores = family_accuracy(hit, test["family"])
         log.info("TEST (%d samples, generation): %s", len(hit), " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
         export(model, self.scene, export_dir)
         size = (export_dir / "model.safetensors").stat().st_size
         (self.out / "results.json").write_text(json.dumps({"test": scores, "n_test": len(hit),
                                                            "params": n_params(model), "bytes": size}, indent=1))
         log.info("exported %s (%.1f MB, %d params)", export_dir, size / 2**20, n_params(model))
+
+
+def family_accuracy(hit: np.ndarray, family: np.ndarray) -> dict[str, float]:
+    """Share of right answers per question family present, and overall."""
+    return {**{f: float(hit[family == f].mean()) for f in FAMILIES if (family == f).any()}, "overall": float(hit.mean())}
 
 
 def n_params(model: Llava) -> int:

@@ -196,6 +196,14 @@ class Reference:
         return self.hf.lm_head(h[:, -1])
 
 
+STAGES = ("encode", "prefill", "decode")  # the stages `generate(..., timed=True)` times
+
+
+def stage_stats(timings: list[dict]) -> dict[str, Stat]:
+    """Per stage, the seconds of timed `generate` runs, the first (the warm-up) dropped."""
+    return {name: Stat(tuple(t[name] for t in timings[1:])) for name in STAGES}
+
+
 def ours_generate(graphdef, state, preset: Preset, px, ids, k: int | None, timed: bool = False):
     out = generate(graphdef, state, px, ids, max_new_tokens=preset.new_tokens, eos_token_id=None,
                    pruning=None if k is None else Pruning("svd", k), bucket=preset.bucket, timed=timed)
@@ -327,8 +335,7 @@ class Suite:
             stages, ref.stages = [], []
             s = self.measure({"ours": ours, "ours timed": functools.partial(ours, timed=True), "torch": torch_run})
             same = np.mean([np.array_equal(tokens["ours", r], tokens["torch", r]) for r in range(self.reps)])
-            stages = stages[1:]  # drop the warm-up
-            parts = {name: Stat(tuple(t[name] for t in stages)) for name in ("encode", "prefill", "decode")}
+            parts = stage_stats(stages)
             t_enc, t_lm = (Stat(tuple(t[i] for t in ref.stages[1:])) for i in (0, 1))
             case = "unpruned" if k is None else f"k={k}"
             self.row("2", f"generate {case}, 1 image, {p.new_tokens} new tokens", s["ours"], s["torch"],
@@ -341,7 +348,7 @@ class Suite:
         if layout_before is not None:
             after = self.e2e[p.k_main]
             self.extra["layout"] = {stage: dict(stacked=layout_before[stage].json(), per_layer=after[stage].json())
-                                    for stage in ("encode", "prefill", "decode")}
+                                    for stage in STAGES}
 
     def layout_before(self, gd, st, inputs: Inputs) -> dict[str, Stat]:
         """Stage seconds of the stacked layout (as loaded) at k_main: the 'before' of the layout change."""
@@ -349,7 +356,7 @@ class Suite:
         self.measure({"stacked": lambda r: stages.append(ours_generate(gd, st, p, inputs.pixels(r),
                                                                        inputs.ids(r, p.k_main), p.k_main, True).timings)})
         self.extra["layout_compile_stacked_s"] = self.last["compile"]["stacked"]
-        return {name: Stat(tuple(t[name] for t in stages[1:])) for name in ("encode", "prefill", "decode")}
+        return stage_stats(stages)
 
     # -- item 3
     def prefill(self, ref: Reference, gd, st, cfg: LlavaConfig, inputs: Inputs):
@@ -420,9 +427,9 @@ class Suite:
             ref.stages = []
             with torch_shallow(ref.hf, 1):
                 self.measure({"ours": ours, "torch": lambda r: ref.generate(inputs.pixels(r), inputs.ids(r, n), kept[r])})
-            one = {name: float(np.median([t[name] for t in stages[1:]])) for name in ("encode", "prefill", "decode")}
+            one = {name: s.median for name, s in stage_stats(stages).items()}
             ref1 = float(np.median([t[1] for t in ref.stages[1:]]))
-            two = {name: self.e2e[k][name].median for name in ("encode", "prefill", "decode")}
+            two = {name: self.e2e[k][name].median for name in STAGES}
             ref2 = self.e2e[k]["ref_lm"].median
             d = {name: (two[name] - one[name]) / (L - 1) for name in ("prefill", "decode")}
             ref_d = (ref2 - ref1) / (L - 1)
