@@ -173,6 +173,44 @@ def _objects(rng: np.random.Generator, family: str, answer: str) -> tuple[list[S
     return objects, n_asked, question
 
 
+def scene_questions(scene: Scene) -> list[tuple[str, str, str]]:
+    """(family, question, answer) of every templated question the scene answers unambiguously: quadrant
+    referents unique in their quadrant, counts within the count answers, reading only a unique glyph bearer."""
+    objects, out = scene.objects, []
+    for c, colour in enumerate(COLOURS):
+        for s, shape in enumerate(SHAPES):
+            kind = [o for o in objects if (o.colour, o.shape) == (c, s)]
+            out.append(("presence", TEMPLATES["presence"].format(colour=colour, shape=shape), "yes" if kind else "no"))
+            if str(len(kind)) in ANSWERS["count"]:
+                out.append(("count", TEMPLATES["count"].format(colour=colour, shape=shape), str(len(kind))))
+            if len(kind) == 1 and kind[0].glyph >= 0:
+                out.append(("read", TEMPLATES["read"].format(colour=colour, shape=shape), GLYPHS[kind[0].glyph]))
+    for q, quadrant in enumerate(QUADRANTS):
+        here = [o for o in objects if o.quadrant == q]
+        for s, shape in enumerate(SHAPES):
+            if len(m := [o for o in here if o.shape == s]) == 1:
+                out.append(("colour", TEMPLATES["colour"].format(shape=shape, quadrant=quadrant), COLOURS[m[0].colour]))
+        for c, colour in enumerate(COLOURS):
+            if len(m := [o for o in here if o.colour == c]) == 1:
+                out.append(("shape", TEMPLATES["shape"].format(colour=colour, quadrant=quadrant), SHAPES[m[0].shape]))
+    return out
+
+
+def follow_ups(sample: Sample, n: int) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs about the sample's scene besides its own question, for multi-turn training:
+    seeded by the sample, in random order. Up to two per family, except presence and count: one per answer,
+    since scenes hold far more absent and single objects than anything else."""
+    rng = np.random.default_rng([sample.seed, 1])
+    pools = collections.defaultdict(list)
+    for family, question, answer in scene_questions(sample.scene):
+        if question != sample.question:
+            by_answer = family in ("presence", "count")
+            pools[family, answer if by_answer else "", 1 if by_answer else 2].append((question, answer))
+    picks = [pool[i] for (_, _, m), pool in pools.items() for i in rng.permutation(len(pool))[:m]]
+    rng.shuffle(picks)
+    return picks[:n]
+
+
 def _balanced(rng: np.random.Generator, n: int, m: int) -> list[int]:
     """n values over range(m), each used n // m or n // m + 1 times."""
     return list(range(m)) * (n // m) + rng.choice(m, n % m, replace=False).tolist()

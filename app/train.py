@@ -7,7 +7,11 @@
   stage 2  the tower frozen and its features cached (float16) for the training images; projector + decoder learn
            VQA, loss on the answer word and </s> of "USER: <image>\\n{question} ASSISTANT: {answer}</s>", from
            2x2 average-pooled features (a quarter of the tokens; see `Stage.pooled`).
-  stage 3  the same on the full grid of cached features, at a lower rate. Validation always reads the full grid.
+  stage 3  the same with follow-up turns: after the sample's own question, up to FOLLOW_UPS more questions about
+           the same image in LLaVA's multi-turn format ("... ASSISTANT: {answer}</s>USER: {question} ASSISTANT:
+           {answer}</s>..."), every answer and </s> in the loss (see `Stage.turns`).
+  stage 4  the same on the full grid of cached features, at a lower rate. Validation always reads the full grid
+           and asks only the sample's own question, as the test does.
 Then the test split is scored once, with generation (never used for training or model selection), and the
 model is exported in transformers' LLaVA format.
 
@@ -15,9 +19,9 @@ Reproducible from the recipe's seed: parameter init, the training images (genera
 OUT/data) and their order (a pure function of seed, stage and step), so a checkpoint of params + optimiser
 state + stage + step resumes exactly. OUT/recipe.json is the run's recipe (written on the first run, read on
 every resume: edit it to lengthen a stage). OUT holds log.txt, history.jsonl, curves.png, checkpoint.npz,
-stage{1,2,3}.npz and results.json.
+stage{1,2,3,4}.npz and results.json.
 
-    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {1,2,3,export}] [--max-steps N]
+    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {1,2,3,4,export}] [--max-steps N]
 """
 import argparse
 import contextlib
@@ -47,8 +51,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from app.bundled import MODEL_DIR, PRESETS, SCENES
 from app.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
-from app.synthetic import ANSWERS, FAMILIES, all_questions, make_sample, split_seeds
-from app.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, prompt, save_processor_files
+from app.synthetic import ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds
+from app.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
 from convert import export_checkpoint, save_params
 from convert.checkpoint import UNUSED
 from convert.hf_config import write_config
@@ -62,6 +66,7 @@ log = logging.getLogger("app.train")
 PAIRS = len(COLOURS) * len(SHAPES)
 COUNT_CLASSES = 5  # 0..4 objects of one colour-shape pair (the generator never puts more in a scene)
 MAX_BYTES = 20 * 2**20  # the exported model.safetensors must stay under 20 MB
+FOLLOW_UPS = 6  # follow-up questions stored per training image (scenes answer 6-11 beyond their own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,10 @@ class Stage:
     # per-family answer prior for 600 steps; on a quarter of the tokens, steps are 4x cheaper and it leaves that
     # plateau (slowly: the reading family first). Every patch is pooled alike, so no token selector is favoured.
     pooled: bool = False
+    # Question-answer turns per sequence (1: the sample's own question only). From the plateau above, single-turn
+    # training reached 0.44 validation in 3500 steps: one answer per image and forward pass is little signal for
+    # the decoder's retrieval; follow-up turns give several answers per image for ~2x the tokens.
+    turns: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +93,7 @@ class Recipe:
     n_train: int
     n_val: int
     n_test: int
-    stages: tuple[Stage, Stage, Stage]
+    stages: tuple[Stage, ...]  # stage 1 dense tower training, then VQA stages
     background_weight: float = 0.1  # stage-1 loss weight of background / no-glyph / no-centre patches
     position_weight: float = 0.1  # stage-1 loss weight of the row and column heads
     eval_every: int = 250
@@ -99,11 +108,12 @@ class Recipe:
 RECIPES = {
     "bundled": Recipe("bundled", seed=0, n_train=30_000, n_val=500, n_test=1000,
                       stages=(Stage(1300, 32, 1e-3, 150), Stage(3500, 32, 1e-3, 100, pooled=True),
-                              Stage(800, 32, 3e-4, 50)),
+                              Stage(1500, 32, 1e-3, 100, pooled=True, turns=7), Stage(400, 32, 3e-4, 50, turns=7)),
                       eval_every=250, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
-                   stages=(Stage(8, 8, 3e-3, 1), Stage(8, 8, 3e-3, 1, pooled=True), Stage(2, 8, 1e-3, 1)),
+                   stages=(Stage(8, 8, 3e-3, 1), Stage(8, 8, 3e-3, 1, pooled=True),
+                           Stage(4, 8, 3e-3, 1, pooled=True, turns=3), Stage(2, 8, 1e-3, 1, turns=3)),
                    eval_every=4, ckpt_every=4, log_every=1),
 }
 
@@ -125,15 +135,18 @@ def _record(args: tuple[int, SceneConfig]) -> tuple:
     for o in s.scene.objects:
         centre[o.cy // scene.patch_size, o.cx // scene.patch_size] = 1 + o.colour * len(SHAPES) + o.shape
     dense = {k: s.targets[k].astype(np.int8) for k in ("colour", "shape", "glyph", "counts")}
-    return s.image, {**dense, "centre": centre}, s.question, s.answer, s.family
+    turns = follow_ups(s, FOLLOW_UPS)
+    turns += [("", "")] * (FOLLOW_UPS - len(turns))
+    return s.image, {**dense, "centre": centre}, s.question, s.answer, s.family, *map(list, zip(*turns))
 
 
 def dataset(out: Path, split: str, n: int, scene: SceneConfig, workers: int = 2) -> dict:
     """`split_seeds(split, n)` rendered once into OUT/data (images as a .npy memory map, the rest .npz).
 
     Returns image (n, H, W, 3) uint8, colour/shape/glyph/centre (n, g, g) int8, counts (n, colours, shapes)
-    int8, question/answer/family (n,) str."""
-    stem = out / "data" / f"{split}_{n}_{hashlib.sha1(repr(scene).encode()).hexdigest()[:8]}"
+    int8, question/answer/family (n,) str, follow_question/follow_answer (n, FOLLOW_UPS) str ("" past the last)."""
+    key = f"{scene!r} follow-ups {FOLLOW_UPS}"
+    stem = out / "data" / f"{split}_{n}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     images_path, meta_path = stem.with_suffix(".images.npy"), stem.with_suffix(".npz")
     if not meta_path.exists():
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +156,10 @@ def dataset(out: Path, split: str, n: int, scene: SceneConfig, workers: int = 2)
         jobs = ((seed, scene) for seed in split_seeds(split, n))
         with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
             records = pool.imap(_record, jobs, chunksize=32) if pool else map(_record, jobs)
-            for i, (image, dense, question, answer, family) in enumerate(tqdm(records, total=n, desc=f"render {split}")):
+            for i, (image, dense, *text) in enumerate(tqdm(records, total=n, desc=f"render {split}")):
                 images[i] = image
-                for k, v in {**dense, "question": question, "answer": answer, "family": family}.items():
+                names = ("question", "answer", "family", "follow_question", "follow_answer")
+                for k, v in {**dense, **dict(zip(names, text))}.items():
                     cols.setdefault(k, []).append(v)
         images.flush()
         del images
@@ -157,28 +171,44 @@ def dataset(out: Path, split: str, n: int, scene: SceneConfig, workers: int = 2)
     return {"image": np.load(images_path, mmap_mode="r"), **{k: meta[k] for k in meta.files}}
 
 
-def sequence_length(n_image: int) -> int:
-    """Tokens of the longest "prompt + answer + </s>" any seed can ask, with the image expanded to n_image."""
+def sequence_length(n_image: int, turns: int = 1) -> int:
+    """Tokens of the longest "prompt answer </s>" (then turns - 1 times "follow-up answer </s>") any seed can
+    ask, with the image expanded to n_image."""
     tok = build_tokenizer()
-    longest = max(len(e.ids) for e in tok.encode_batch([prompt(q) for q in all_questions()]))
-    return longest + n_image - 1 + 2
+    longest = lambda texts: max(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    first = 1 + longest([prompt(q) for q in all_questions()]) + n_image - 1 + 2
+    return first + (turns - 1) * (longest([follow_up(q) for q in all_questions()]) + 2)
 
 
-def vqa_ids(questions, answers, n_image: int) -> tuple[np.ndarray, np.ndarray]:
+def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-padded (n, sequence_length) ids of "<s> prompt answer </s>" with the image token repeated n_image
-    times, and the attention mask. Every answer is one token, so column -2 is the answer and -1 is </s>."""
+    times, then up to turns - 1 of each sample's `follow` (question, answer) pairs ("" questions skipped) as
+    "follow-up answer </s>"; the attention mask; labels: the id at every answer and </s>, else -1. Every
+    answer is one token, so in one-turn rows column -2 is the answer and -1 is </s>."""
     tok = build_tokenizer()
     vocab = tok.get_vocab()
-    length = sequence_length(n_image)
-    ids, mask = np.full((len(questions), length), vocab[PAD], np.int32), np.zeros((len(questions), length), np.int32)
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        p, ans = tok.encode(prompt(q)).ids, tok.encode(a, add_special_tokens=False).ids
-        if len(ans) != 1 or p.count(vocab[IMAGE_TOKEN]) != 1:
-            raise ValueError(f"answer {a!r} is not one token or prompt {q!r} has no single image token")
+    length = sequence_length(n_image, turns)
+    shape = (len(questions), length)
+    ids, mask, labels = np.full(shape, vocab[PAD], np.int32), np.zeros(shape, np.int32), np.full(shape, -1, np.int32)
+    follow = [()] * len(questions) if follow is None else follow
+    for i, (q, a, more) in enumerate(zip(questions, answers, follow)):
+        p = tok.encode(prompt(q)).ids
+        if p.count(vocab[IMAGE_TOKEN]) != 1:
+            raise ValueError(f"prompt of {q!r} has no single image token")
         j = p.index(vocab[IMAGE_TOKEN])
-        seq = p[:j] + [vocab[IMAGE_TOKEN]] * n_image + p[j + 1:] + ans + [vocab[EOS]]
-        ids[i, length - len(seq):], mask[i, length - len(seq):] = seq, 1
-    return ids, mask
+        seq, lab = p[:j] + [vocab[IMAGE_TOKEN]] * n_image + p[j + 1:], []
+        for k, (question, ans) in enumerate([(None, a), *[t for t in more if t[0]][:turns - 1]]):
+            if question is not None:
+                seq += tok.encode(follow_up(question), add_special_tokens=False).ids
+            word = tok.encode(ans, add_special_tokens=False).ids
+            if len(word) != 1:
+                raise ValueError(f"answer {ans!r} is not one token")
+            lab += [len(seq), len(seq) + 1]
+            seq += word + [vocab[EOS]]
+        start = length - len(seq)
+        ids[i, start:], mask[i, start:] = seq, 1
+        labels[i, [start + t for t in lab]] = ids[i, [start + t for t in lab]]
+    return ids, mask, labels
 
 
 def pool_2x2(features: np.ndarray, grid: int) -> np.ndarray:
@@ -308,21 +338,19 @@ def dense_stats(logits: dict, targets: dict) -> dict[str, tuple[Array, Array]]:
     return stats
 
 
-def vqa_logits(model: Llava, image_embeds: Float[Array, "B N D"], ids: Int[Array, "B S"], mask: Int[Array, "B S"]):
-    """Logits (B, 2, V) predicting the last two columns (answer, </s>) from everything before them."""
-    inp, valid = ids[:, :-1], mask[:, :-1].astype(bool)
-    h, _, _ = model.language_model(model.embed(inp, image_embeds), positions(valid), valid)
-    return model.logits(h[:, -2:])
-
-
 def vqa_loss(trainee: Trainee, batch: dict):
+    """Mean cross-entropy over the labelled tokens, and the logits (B, 2, V) predicting the last two columns
+    (in one-turn rows: the answer and </s>)."""
     model = trainee.model
-    if "features" in batch:  # stages 2-3: cached tower features
+    if "features" in batch:  # VQA stages: cached tower features
         image_embeds = model.multi_modal_projector(batch["features"].astype(jnp.float32))
     else:
         image_embeds, _ = model.encode_images(pixel_values(batch["image"]))
-    logits = vqa_logits(model, image_embeds, batch["ids"], batch["mask"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["ids"][:, -2:]).mean(), logits
+    inp, valid = batch["ids"][:, :-1], batch["mask"][:, :-1].astype(bool)
+    h, _, _ = model.language_model(model.embed(inp, image_embeds), positions(valid), valid)
+    logits, labels = model.logits(h), batch["labels"][:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    return jnp.sum(jnp.where(labels >= 0, ce, 0.0)) / jnp.sum(labels >= 0), logits[:, -2:]
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -335,7 +363,9 @@ def optimizer(stage: Stage, scales: dict[str, float]) -> optax.GradientTransform
     return optax.multi_transform({g: adamw(s) for g, s in scales.items()}, {g: g for g in scales})
 
 
-STAGE_GROUPS = {1: {"tower": 1.0, "heads": 1.0}, 2: {"lm": 1.0}, 3: {"lm": 1.0}}  # trained groups: lr multiplier
+def trained_groups(stage: int) -> dict[str, float]:
+    """Parameter groups a stage trains, with their learning-rate multipliers."""
+    return {"tower": 1.0, "heads": 1.0} if stage == 1 else {"lm": 1.0}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "stage", "spec", "scales", "weights"),
@@ -419,9 +449,8 @@ class Run:
         self.graphdef, self.states = build(recipe)
         self.train = dataset(out, "train", recipe.n_train, self.scene, workers)
         self.val = dataset(out, "validation", recipe.n_val, self.scene, workers)
-        n = self.cfg.num_image_tokens
-        for d in (self.train, self.val):
-            d["ids"], d["mask"] = vqa_ids(d["question"], d["answer"], n)
+        self.val["ids"], self.val["mask"], self.val["labels"] = vqa_ids(self.val["question"], self.val["answer"],
+                                                                         self.cfg.num_image_tokens)
         self.history = History(out / "history.jsonl")
         self.ckpt = out / "checkpoint.npz"
 
@@ -438,7 +467,7 @@ class Run:
         return {k: c / max(n, 1) for k, (c, n) in totals.items()}
 
     def eval_vqa(self) -> dict[str, float]:
-        batches = self._batches(self.val, ("image", "ids", "mask"))
+        batches = self._batches(self.val, ("image", "ids", "mask", "labels"))
         pred = np.concatenate([np.argmax(vqa_eval(self.states, b, graphdef=self.graphdef)[:, 0], -1) for b in batches])
         return family_accuracy(pred == self.val["ids"][:, -2], self.val["family"])
 
@@ -448,15 +477,17 @@ class Run:
         if stage == 1:
             keys = ("image", "colour", "shape", "glyph", "centre", "counts")
             return {k: jnp.asarray(self.train[k][idx]) for k in keys}
-        pooled = self.recipe.stages[stage - 1].pooled
-        ids, mask = self.pooled_ids if pooled else (self.train["ids"], self.train["mask"])
-        batch = {"ids": jnp.asarray(ids[idx]), "mask": jnp.asarray(mask[idx])}
+        spec = self.recipe.stages[stage - 1]
+        batch = dict(zip(("ids", "mask", "labels"), (jnp.asarray(a[idx]) for a in self.vqa_inputs(spec.pooled, spec.turns))))
         feats = self.features[idx]
-        return {**batch, "features": jnp.asarray(pool_2x2(feats, self.scene.grid) if pooled else feats)}
+        return {**batch, "features": jnp.asarray(pool_2x2(feats, self.scene.grid) if spec.pooled else feats)}
 
-    @functools.cached_property
-    def pooled_ids(self) -> tuple[np.ndarray, np.ndarray]:
-        return vqa_ids(self.train["question"], self.train["answer"], self.cfg.num_image_tokens // 4)
+    @functools.cache
+    def vqa_inputs(self, pooled: bool, turns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, mask, labels of the training samples for the image-token count and turns of a stage."""
+        n_image = self.cfg.num_image_tokens // (4 if pooled else 1)
+        follow = [list(zip(q, a)) for q, a in zip(self.train["follow_question"], self.train["follow_answer"])]
+        return vqa_ids(self.train["question"], self.train["answer"], n_image, follow, turns)
 
     @functools.cached_property
     def features(self) -> np.ndarray:
@@ -477,7 +508,7 @@ class Run:
     def run_stage(self, stage: int, start: int, seconds: float, opt_leaves, max_steps: int | None) -> bool:
         """Trains `stage` from `start`; True when finished, False when stopped early by max_steps."""
         r, spec = self.recipe, self.recipe.stages[stage - 1]
-        scales = STAGE_GROUPS[stage]
+        scales = trained_groups(stage)
         opt = optimizer(spec, scales)
         train = {g: self.states[g] for g in scales}
         frozen = {g: s for g, s in self.states.items() if g not in scales}
@@ -526,7 +557,9 @@ class Run:
             stage, step, seconds, opt_leaves = load_checkpoint(self.ckpt, self.states)
             log.info("resumed from %s: stage %d step %d (%.0f s trained)", self.ckpt, stage, step, seconds)
         self.history.truncate(stage, step)
-        last = {"1": 1, "2": 2, "3": 3, "export": 3}[until]
+        last = len(self.recipe.stages) if until == "export" else int(until)
+        if not 1 <= last <= len(self.recipe.stages):
+            raise ValueError(f"--until {until}: recipe {self.recipe.model!r} has stages 1-{len(self.recipe.stages)}")
         for s in range(1, last + 1):
             spec = self.recipe.stages[s - 1]
             if s < stage or (s == stage and step >= spec.steps) or spec.steps == 0:
@@ -566,7 +599,7 @@ def n_params(model: Llava) -> int:
 def answer(model: Llava, images: np.ndarray, questions, batch: int = 50) -> list[str]:
     """Greedy one-word answers from generation, unpruned, decoded up to </s>."""
     tok = build_tokenizer()
-    ids, mask = vqa_ids(questions, ["yes"] * len(questions), model.config.num_image_tokens)  # answer cut below
+    ids, mask, _ = vqa_ids(questions, ["yes"] * len(questions), model.config.num_image_tokens)  # answer cut below
     graphdef, state = nnx.split(model)
     out = []
     for i in tqdm(range(0, len(questions), batch), desc="answer"):
@@ -621,16 +654,18 @@ def export(model: Llava, scene: SceneConfig, hf_dir: Path):
 # ---------------------------------------------------------------------------------------------------- curves
 
 def plot_curves(records: list[dict], path: Path):
-    """Train loss and validation accuracy: stage 1 (per head), stages 2-3 (per family; stage 3 after stage 2)."""
+    """Train loss and validation accuracy: stage 1 (per head), the VQA stages (per family, one after another)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    offset = max([r["step"] for r in records if r["stage"] == 2] or [0])
-    x = lambda r: r["step"] + (offset if r["stage"] == 3 else 0)
+    seen = sorted({r["stage"] for r in records})
+    ends = {s: max(r["step"] for r in records if r["stage"] == s) for s in seen}
+    offset = {s: sum(ends[t] for t in seen if 1 < t < s) for s in seen}
+    x = lambda r: r["step"] + offset[r["stage"]]
     for row, stages, keys in ((0, (1,), ("colour", "shape", "binding", "glyph", "centre", "counts", "background")),
-                              (1, (2, 3), (*FAMILIES, "overall"))):
+                              (1, tuple(s for s in seen if s > 1), (*FAMILIES, "overall"))):
         train = [r for r in records if r["stage"] in stages and r["kind"] == "train"]
         val = [r for r in records if r["stage"] in stages and r["kind"] == "val"]
         axes[row, 0].plot([x(r) for r in train], [r["loss"] for r in train], lw=0.8)
@@ -657,7 +692,7 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/bundled"))
     p.add_argument("--recipe", choices=tuple(RECIPES), help="for a fresh run (default bundled); a resume reads OUT/recipe.json")
-    p.add_argument("--until", choices=("1", "2", "3", "export"), default="export", help="last stage to run")
+    p.add_argument("--until", choices=("1", "2", "3", "4", "export"), default="export", help="last stage to run")
     p.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many steps of this invocation")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the image caches")
     p.add_argument("--export-dir", type=Path, help=f"HF output (default {MODEL_DIR} for the bundled recipe, else OUT/hf)")

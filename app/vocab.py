@@ -25,10 +25,15 @@ from app.synthetic import ANSWERS, all_questions
 UNK, BOS, EOS, PAD, IMAGE_TOKEN = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE_TOKEN)
 PROMPT = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's template; the answer follows, then </s>
+FOLLOW_UP = "USER: {question} ASSISTANT:"  # a later turn of the same conversation (after "{answer}</s>")
 
 
 def prompt(question: str) -> str:
     return PROMPT.format(question=question)
+
+
+def follow_up(question: str) -> str:
+    return FOLLOW_UP.format(question=question)
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:

@@ -4,19 +4,19 @@ import numpy as np
 import pytest
 
 from app import train as T
-from app.synthetic import make_sample
-from app.vocab import image_processor
+from app.synthetic import follow_ups, make_sample
+from app.vocab import EOS, build_tokenizer, image_processor
 
 RECIPE = T.RECIPES["tiny"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The tiny recipe through stage 3 twice: once straight, once stopped in stage 1 and again in stage 2."""
+    """The tiny recipe through its last stage twice: once straight, once stopped in stage 1 and again in stage 2."""
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    T.Run(RECIPE, straight, workers=1).run(until="3")
+    T.Run(RECIPE, straight, workers=1).run(until="4")
     for max_steps in (3, 6, None):  # stage 1 stops at 3/8; then stage 1 ends and stage 2 stops at 6/8; then done
-        T.Run(RECIPE, resumed, workers=1).run(until="3", max_steps=max_steps)
+        T.Run(RECIPE, resumed, workers=1).run(until="4", max_steps=max_steps)
     return straight, resumed
 
 
@@ -30,13 +30,13 @@ def test_every_stage_learns(runs):
         loss = _losses(history, stage)
         assert len(loss) == RECIPE.stages[stage - 1].steps
         assert np.mean(loss[-2:]) < 0.8 * np.mean(loss[:2]), (stage, loss)
-    assert np.isfinite(_losses(history, 3)).all()
+    assert np.isfinite(_losses(history, 3) + _losses(history, 4)).all()
     val = [r for r in history.records if r["kind"] == "val"]
-    assert {r["stage"] for r in val} == {1, 2, 3} and all("overall" in r for r in val if r["stage"] > 1)
+    assert {r["stage"] for r in val} == {1, 2, 3, 4} and all("overall" in r for r in val if r["stage"] > 1)
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    straight, resumed = (np.load(d / "stage3.npz") for d in runs)
+    straight, resumed = (np.load(d / "stage4.npz") for d in runs)
     assert straight.files == resumed.files
     for k in straight.files:
         np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
@@ -60,12 +60,12 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     run = T.Run(RECIPE, runs[0], workers=1)
-    T.load_checkpoint(runs[0] / "stage3.npz", run.states)
+    T.load_checkpoint(runs[0] / "stage4.npz", run.states)
     model = T.merge(run.graphdef, run.states).model
     T.export(model, run.scene, tmp_path / "hf")
     hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ours = np.asarray(T.vqa_eval(run.states, {k: run.val[k][:4] for k in ("image", "ids", "mask")},
+    ours = np.asarray(T.vqa_eval(run.states, {k: run.val[k][:4] for k in ("image", "ids", "mask", "labels")},
                                graphdef=run.graphdef))
     pixels = np.asarray(T.pixel_values(run.val["image"][:4]))
     ids, mask = run.val["ids"][:4, :-1], run.val["mask"][:4, :-1]
@@ -74,6 +74,25 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path):
         theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(position_ids), pixel_values=torch.tensor(pixels)).logits[:, -2:].numpy()
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_multi_turn_ids_label_every_answer_after_the_one_turn_prompt():
+    samples = [make_sample(s) for s in range(5)]
+    questions, answers = [s.question for s in samples], [s.answer for s in samples]
+    follow = [follow_ups(s, 3) for s in samples]
+    one, one_mask, one_labels = T.vqa_ids(questions, answers, 6)
+    ids, mask, labels = T.vqa_ids(questions, answers, 6, follow, turns=3)
+    tok = build_tokenizer()
+    for i, s in enumerate(samples):
+        row = ids[i, mask[i] == 1].tolist()
+        first = one[i, one_mask[i] == 1].tolist()
+        assert row[:len(first)] == first  # the first turn is exactly the one-turn sequence
+        said = tok.decode(row[len(first):])
+        assert said == " ".join(f"USER : {q} ASSISTANT : {a}" for q, a in follow[i][:2]).replace("?", " ?").replace("  ", " ")
+        want = [w for a in [s.answer] + [a for _, a in follow[i][:2]] for w in (a, EOS)]
+        assert [tok.id_to_token(t) for t in labels[i][labels[i] >= 0]] == want
+        assert (mask[i][labels[i] >= 0] == 1).all()
+    assert (one_labels[:, -2] == one[:, -2]).all() and (one_labels[:, :-2] == -1).all()
 
 
 def test_pixel_values_match_the_clip_processor():
