@@ -197,7 +197,7 @@ def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tu
             raise ValueError(f"prompt of {q!r} has no single image token")
         j = p.index(vocab[IMAGE_TOKEN])
         seq, lab = p[:j] + [vocab[IMAGE_TOKEN]] * n_image + p[j + 1:], []
-        for k, (question, ans) in enumerate([(None, a), *[t for t in more if t[0]][:turns - 1]]):
+        for question, ans in [(None, a), *[t for t in more if t[0]][:turns - 1]]:
             if question is not None:
                 seq += tok.encode(follow_up(question), add_special_tokens=False).ids
             word = tok.encode(ans, add_special_tokens=False).ids
@@ -207,7 +207,8 @@ def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tu
             seq += word + [vocab[EOS]]
         start = length - len(seq)
         ids[i, start:], mask[i, start:] = seq, 1
-        labels[i, [start + t for t in lab]] = ids[i, [start + t for t in lab]]
+        at = [start + t for t in lab]
+        labels[i, at] = ids[i, at]
     return ids, mask, labels
 
 
@@ -453,6 +454,7 @@ class Run:
                                                                          self.cfg.num_image_tokens)
         self.history = History(out / "history.jsonl")
         self.ckpt = out / "checkpoint.npz"
+        self._vqa_inputs: dict[tuple[bool, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # ---- evaluation
     def _batches(self, data: dict, keys: tuple[str, ...], size: int = 50):
@@ -482,12 +484,14 @@ class Run:
         feats = self.features[idx]
         return {**batch, "features": jnp.asarray(pool_2x2(feats, self.scene.grid) if spec.pooled else feats)}
 
-    @functools.cache
     def vqa_inputs(self, pooled: bool, turns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, mask, labels of the training samples for the image-token count and turns of a stage."""
-        n_image = self.cfg.num_image_tokens // (4 if pooled else 1)
-        follow = [list(zip(q, a)) for q, a in zip(self.train["follow_question"], self.train["follow_answer"])]
-        return vqa_ids(self.train["question"], self.train["answer"], n_image, follow, turns)
+        """ids, mask, labels of the training samples for the image-token count and turns of a stage (built once
+        per run: a per-instance cache, so a finished Run's arrays are not kept alive by a class-level one)."""
+        if (pooled, turns) not in self._vqa_inputs:
+            n_image = self.cfg.num_image_tokens // (4 if pooled else 1)
+            follow = [list(zip(q, a)) for q, a in zip(self.train["follow_question"], self.train["follow_answer"])]
+            self._vqa_inputs[pooled, turns] = vqa_ids(self.train["question"], self.train["answer"], n_image, follow, turns)
+        return self._vqa_inputs[pooled, turns]
 
     @functools.cached_property
     def features(self) -> np.ndarray:
@@ -692,7 +696,8 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/bundled"))
     p.add_argument("--recipe", choices=tuple(RECIPES), help="for a fresh run (default bundled); a resume reads OUT/recipe.json")
-    p.add_argument("--until", choices=("1", "2", "3", "4", "export"), default="export", help="last stage to run")
+    stages = range(1, max(len(r.stages) for r in RECIPES.values()) + 1)
+    p.add_argument("--until", choices=(*map(str, stages), "export"), default="export", help="last stage to run")
     p.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many steps of this invocation")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the image caches")
     p.add_argument("--export-dir", type=Path, help=f"HF output (default {MODEL_DIR} for the bundled recipe, else OUT/hf)")
