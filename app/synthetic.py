@@ -13,6 +13,7 @@ import argparse
 import collections
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def make_sample(seed: int, cfg: SceneConfig = SceneConfig()) -> Sample:
         raise ValueError(f"seed must be >= 0, got {seed}")
     family, answer = family_and_answer(seed)
     rng = np.random.default_rng(seed)
-    objects, n_asked, question = _objects(rng, family, answer)
+    objects, n_asked, question = _objects(rng, family, answer)  # a prefix of the seed's random stream: see follow_ups
     scene = sample_scene(rng, objects, cfg)
     cover = _object_coverage(scene, cfg)
     coverage = cover[:n_asked].sum(0)
@@ -173,41 +174,54 @@ def _objects(rng: np.random.Generator, family: str, answer: str) -> tuple[list[S
     return objects, n_asked, question
 
 
-def scene_questions(scene: Scene) -> list[tuple[str, str, str]]:
-    """(family, question, answer) of every templated question the scene answers unambiguously: quadrant
-    referents unique in their quadrant, counts within the count answers, reading only a unique glyph bearer."""
-    objects, out = scene.objects, []
+def scene_questions(objects: Sequence[SceneObject]) -> list[tuple[str, str, str, bool]]:
+    """(family, question, answer, needs_quadrant) of every templated question a scene's objects answer
+    unambiguously: quadrant referents unique in their quadrant, counts within the count answers, reading only a
+    unique glyph bearer. needs_quadrant: a colour or shape question whose named shape or colour also occurs in
+    another quadrant, so only the quadrant tells the referent apart (as in the colour and shape samples' own
+    questions)."""
+    out = []
     for c, colour in enumerate(COLOURS):
         for s, shape in enumerate(SHAPES):
             kind = [o for o in objects if (o.colour, o.shape) == (c, s)]
-            out.append(("presence", TEMPLATES["presence"].format(colour=colour, shape=shape), "yes" if kind else "no"))
+            out.append(("presence", TEMPLATES["presence"].format(colour=colour, shape=shape), "yes" if kind else "no", False))
             if str(len(kind)) in ANSWERS["count"]:
-                out.append(("count", TEMPLATES["count"].format(colour=colour, shape=shape), str(len(kind))))
+                out.append(("count", TEMPLATES["count"].format(colour=colour, shape=shape), str(len(kind)), False))
             if len(kind) == 1 and kind[0].glyph >= 0:
-                out.append(("read", TEMPLATES["read"].format(colour=colour, shape=shape), GLYPHS[kind[0].glyph]))
+                out.append(("read", TEMPLATES["read"].format(colour=colour, shape=shape), GLYPHS[kind[0].glyph], False))
     for q, quadrant in enumerate(QUADRANTS):
         here = [o for o in objects if o.quadrant == q]
         for s, shape in enumerate(SHAPES):
             if len(m := [o for o in here if o.shape == s]) == 1:
-                out.append(("colour", TEMPLATES["colour"].format(shape=shape, quadrant=quadrant), COLOURS[m[0].colour]))
+                elsewhere = any(o.shape == s and o.quadrant != q for o in objects)
+                out.append(("colour", TEMPLATES["colour"].format(shape=shape, quadrant=quadrant), COLOURS[m[0].colour], elsewhere))
         for c, colour in enumerate(COLOURS):
             if len(m := [o for o in here if o.colour == c]) == 1:
-                out.append(("shape", TEMPLATES["shape"].format(colour=colour, quadrant=quadrant), SHAPES[m[0].shape]))
+                elsewhere = any(o.colour == c and o.quadrant != q for o in objects)
+                out.append(("shape", TEMPLATES["shape"].format(colour=colour, quadrant=quadrant), SHAPES[m[0].shape], elsewhere))
     return out
 
 
-def follow_ups(sample: Sample, n: int) -> list[tuple[str, str]]:
-    """Up to n (question, answer) pairs about the sample's scene besides its own question, for multi-turn training:
-    seeded by the sample, in random order. Up to two per family, except presence and count: one per answer,
-    since scenes hold far more absent and single objects than anything else."""
-    rng = np.random.default_rng([sample.seed, 1])
+def follow_ups(seed: int, n: int, need_quadrant: bool = False) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs about seed's scene besides its own question, for multi-turn training:
+    seeded, in random order. Up to two per family, except presence and count: one per answer, since scenes hold
+    far more absent and single objects than anything else. need_quadrant: up to two thirds of the n are the
+    scene's needs_quadrant questions, the rest those picks. Only the object list is drawn, not the image."""
+    family, answer = family_and_answer(seed)
+    objects, _, own = _objects(np.random.default_rng(seed), family, answer)
+    rng = np.random.default_rng([seed, 1])
+    asked = [t for t in scene_questions(objects) if t[1] != own]
     pools = collections.defaultdict(list)
-    for family, question, answer in scene_questions(sample.scene):
-        if question != sample.question:
-            by_answer = family in ("presence", "count")
-            pools[family, answer if by_answer else "", 1 if by_answer else 2].append((question, answer))
+    for family, question, answer, _ in asked:
+        by_answer = family in ("presence", "count")
+        pools[family, answer if by_answer else "", 1 if by_answer else 2].append((question, answer))
     picks = [pool[i] for (_, _, m), pool in pools.items() for i in rng.permutation(len(pool))[:m]]
     rng.shuffle(picks)
+    if need_quadrant:
+        hard = [(question, answer) for _, question, answer, needs in asked if needs]
+        hard = [hard[i] for i in np.random.default_rng([seed, 2]).permutation(len(hard))]
+        hard = hard[:2 * n // 3]
+        picks = hard + [p for p in picks if p not in hard]
     return picks[:n]
 
 

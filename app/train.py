@@ -7,11 +7,12 @@
   stage 2  the tower frozen and its features cached (float16) for the training images; projector + decoder learn
            VQA, loss on the answer word and </s> of "USER: <image>\\n{question} ASSISTANT: {answer}</s>", from
            2x2 average-pooled features (a quarter of the tokens; see `Stage.pooled`).
-  stage 3  the same with follow-up turns: after the sample's own question, up to FOLLOW_UPS more questions about
+  stage 3  the same with follow-up turns: after the sample's own question, up to turns - 1 more questions about
            the same image in LLaVA's multi-turn format ("... ASSISTANT: {answer}</s>USER: {question} ASSISTANT:
            {answer}</s>..."), every answer and </s> in the loss (see `Stage.turns`).
-  stage 4  the same on the full grid of cached features, at a lower rate. Validation always reads the full grid
-           and asks only the sample's own question, as the test does.
+  stage 4  the same on the full grid of cached features, at a lower rate.
+  stage 5  the same with follow-ups that need the quadrant first (see `Stage.need_quadrant`).
+Validation always reads the full grid and asks only the sample's own question, as the test does.
 Then the test split is scored once, with generation (never used for training or model selection), and the
 model is exported in transformers' LLaVA format.
 
@@ -19,9 +20,9 @@ Reproducible from the recipe's seed: parameter init, the training images (genera
 OUT/data) and their order (a pure function of seed, stage and step), so a checkpoint of params + optimiser
 state + stage + step resumes exactly. OUT/recipe.json is the run's recipe (written on the first run, read on
 every resume: edit it to lengthen a stage). OUT holds log.txt, history.jsonl, curves.png, checkpoint.npz,
-stage{1,2,3,4}.npz and results.json.
+stage{1,...,5}.npz and results.json.
 
-    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {1,2,3,4,export}] [--max-steps N]
+    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {1,...,5,export}] [--max-steps N]
 """
 import argparse
 import contextlib
@@ -66,7 +67,6 @@ log = logging.getLogger("app.train")
 PAIRS = len(COLOURS) * len(SHAPES)
 COUNT_CLASSES = 5  # 0..4 objects of one colour-shape pair (the generator never puts more in a scene)
 MAX_BYTES = 20 * 2**20  # the exported model.safetensors must stay under 20 MB
-FOLLOW_UPS = 6  # follow-up questions stored per training image (scenes answer 6-11 beyond their own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,11 @@ class Stage:
     # training reached 0.44 validation in 3500 steps: one answer per image and forward pass is little signal for
     # the decoder's retrieval; follow-up turns give several answers per image for ~2x the tokens.
     turns: int = 1
+    # Follow-up turns put the scene's needs_quadrant questions first (see app.synthetic.scene_questions). With
+    # follow-ups drawn over all families, after 5000 pooled steps colour and shape questions sat at ~0.5: most
+    # errors named the same-shaped (same-coloured) object of another quadrant. Most follow-ups about a quadrant
+    # never need it (the named shape is unique in the scene), so they teach that shortcut.
+    need_quadrant: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +113,14 @@ class Recipe:
 RECIPES = {
     "bundled": Recipe("bundled", seed=0, n_train=30_000, n_val=500, n_test=1000,
                       stages=(Stage(1300, 32, 1e-3, 150), Stage(3500, 32, 1e-3, 100, pooled=True),
-                              Stage(5000, 32, 1e-3, 100, pooled=True, turns=7), Stage(600, 32, 3e-4, 50, turns=7)),
+                              Stage(5000, 32, 1e-3, 100, pooled=True, turns=7), Stage(600, 32, 3e-4, 50, turns=7),
+                              Stage(1500, 32, 5e-4, 50, turns=7, need_quadrant=True)),
                       eval_every=250, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
                    stages=(Stage(8, 8, 3e-3, 1), Stage(8, 8, 3e-3, 1, pooled=True),
-                           Stage(4, 8, 3e-3, 1, pooled=True, turns=3), Stage(2, 8, 1e-3, 1, turns=3)),
+                           Stage(4, 8, 3e-3, 1, pooled=True, turns=3), Stage(2, 8, 1e-3, 1, turns=3),
+                           Stage(2, 8, 1e-3, 1, turns=4, need_quadrant=True)),
                    eval_every=4, ckpt_every=4, log_every=1),
 }
 
@@ -135,17 +142,15 @@ def _record(args: tuple[int, SceneConfig]) -> tuple:
     for o in s.scene.objects:
         centre[o.cy // scene.patch_size, o.cx // scene.patch_size] = 1 + o.colour * len(SHAPES) + o.shape
     dense = {k: s.targets[k].astype(np.int8) for k in ("colour", "shape", "glyph", "counts")}
-    turns = follow_ups(s, FOLLOW_UPS)
-    turns += [("", "")] * (FOLLOW_UPS - len(turns))
-    return s.image, {**dense, "centre": centre}, s.question, s.answer, s.family, *map(list, zip(*turns))
+    return s.image, {**dense, "centre": centre}, s.question, s.answer, s.family
 
 
 def dataset(out: Path, split: str, n: int, scene: SceneConfig, workers: int = 2) -> dict:
     """`split_seeds(split, n)` rendered once into OUT/data (images as a .npy memory map, the rest .npz).
 
     Returns image (n, H, W, 3) uint8, colour/shape/glyph/centre (n, g, g) int8, counts (n, colours, shapes)
-    int8, question/answer/family (n,) str, follow_question/follow_answer (n, FOLLOW_UPS) str ("" past the last)."""
-    key = f"{scene!r} follow-ups {FOLLOW_UPS}"
+    int8, question/answer/family (n,) str."""
+    key = repr(scene)
     stem = out / "data" / f"{split}_{n}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     images_path, meta_path = stem.with_suffix(".images.npy"), stem.with_suffix(".npz")
     if not meta_path.exists():
@@ -158,7 +163,7 @@ def dataset(out: Path, split: str, n: int, scene: SceneConfig, workers: int = 2)
             records = pool.imap(_record, jobs, chunksize=32) if pool else map(_record, jobs)
             for i, (image, dense, *text) in enumerate(tqdm(records, total=n, desc=f"render {split}")):
                 images[i] = image
-                names = ("question", "answer", "family", "follow_question", "follow_answer")
+                names = ("question", "answer", "family")
                 for k, v in {**dense, **dict(zip(names, text))}.items():
                     cols.setdefault(k, []).append(v)
         images.flush()
@@ -182,7 +187,7 @@ def sequence_length(n_image: int, turns: int = 1) -> int:
 
 def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-padded (n, sequence_length) ids of "<s> prompt answer </s>" with the image token repeated n_image
-    times, then up to turns - 1 of each sample's `follow` (question, answer) pairs ("" questions skipped) as
+    times, then up to turns - 1 of each sample's `follow` (question, answer) pairs as
     "follow-up answer </s>"; the attention mask; labels: the id at every answer and </s>, else -1. Every
     answer is one token, so in one-turn rows column -2 is the answer and -1 is </s>."""
     tok = build_tokenizer()
@@ -197,7 +202,7 @@ def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tu
             raise ValueError(f"prompt of {q!r} has no single image token")
         j = p.index(vocab[IMAGE_TOKEN])
         seq, lab = p[:j] + [vocab[IMAGE_TOKEN]] * n_image + p[j + 1:], []
-        for question, ans in [(None, a), *[t for t in more if t[0]][:turns - 1]]:
+        for question, ans in [(None, a), *more[:turns - 1]]:
             if question is not None:
                 seq += tok.encode(follow_up(question), add_special_tokens=False).ids
             word = tok.encode(ans, add_special_tokens=False).ids
@@ -480,18 +485,21 @@ class Run:
             keys = ("image", "colour", "shape", "glyph", "centre", "counts")
             return {k: jnp.asarray(self.train[k][idx]) for k in keys}
         spec = self.recipe.stages[stage - 1]
-        batch = dict(zip(("ids", "mask", "labels"), (jnp.asarray(a[idx]) for a in self.vqa_inputs(spec.pooled, spec.turns))))
+        inputs = self.vqa_inputs(spec.pooled, spec.turns, spec.need_quadrant)
+        batch = dict(zip(("ids", "mask", "labels"), (jnp.asarray(a[idx]) for a in inputs)))
         feats = self.features[idx]
         return {**batch, "features": jnp.asarray(pool_2x2(feats, self.scene.grid) if spec.pooled else feats)}
 
-    def vqa_inputs(self, pooled: bool, turns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, mask, labels of the training samples for the image-token count and turns of a stage (built once
-        per run: a per-instance cache, so a finished Run's arrays are not kept alive by a class-level one)."""
-        if (pooled, turns) not in self._vqa_inputs:
+    def vqa_inputs(self, pooled: bool, turns: int, need_quadrant: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, mask, labels of the training samples for the image-token count and follow-ups of a stage (built
+        once per run: a per-instance cache, so a finished Run's arrays are not kept alive by a class-level one)."""
+        key = pooled, turns, need_quadrant
+        if key not in self._vqa_inputs:
             n_image = self.cfg.num_image_tokens // (4 if pooled else 1)
-            follow = [list(zip(q, a)) for q, a in zip(self.train["follow_question"], self.train["follow_answer"])]
-            self._vqa_inputs[pooled, turns] = vqa_ids(self.train["question"], self.train["answer"], n_image, follow, turns)
-        return self._vqa_inputs[pooled, turns]
+            seeds = split_seeds("train", self.recipe.n_train)
+            follow = None if turns == 1 else [follow_ups(s, turns - 1, need_quadrant) for s in seeds]
+            self._vqa_inputs[key] = vqa_ids(self.train["question"], self.train["answer"], n_image, follow, turns)
+        return self._vqa_inputs[key]
 
     @functools.cached_property
     def features(self) -> np.ndarray:

@@ -111,18 +111,33 @@ def test_questions_have_one_referent_and_hard_negatives(samples):
 
 def test_scene_questions_are_answered_by_the_scene(samples):
     for s in samples:
-        asked = scene_questions(s.scene)
-        assert (s.family, s.question, s.answer) in asked and len(set(asked)) == len(asked)
-        for family, question, answer in asked:
+        asked = scene_questions(s.scene.objects)
+        assert (s.family, s.question, s.answer, s.family in ("colour", "shape")) in asked
+        assert len({q for _, q, _, _ in asked}) == len(asked)
+        for family, question, answer, needs_quadrant in asked:
             assert question in all_questions() and answer in ANSWERS[family]
             assert _solve(question, s.scene.objects)[0] == answer, (s.seed, question)  # raises if not unique
-        more = follow_ups(s, 20)
-        assert more == follow_ups(s, 20) and follow_ups(s, 3) == more[:3]
-        assert s.question not in [q for q, _ in more] and {(f, q, a) for f, q, a in asked if (q, a) in more}
-        families = [f for f, q, a in asked if (q, a) in more]
-        assert len(families) == len(more) and all(families.count(f) <= 2 for f in FAMILIES if f != "count")
-        by_answer = [(f, a) for f, q, a in asked if (q, a) in more and f in ("presence", "count")]
+            # the question without its quadrant names several objects
+            named = re.fullmatch(r"What (?:color is the (\w+)|shape is the (\w+) object) in the .*", question)
+            attr = named and (("shape", named[1]) if named[1] else ("colour", named[2]))
+            same = [o for o in s.scene.objects if attr and (SHAPES[o.shape], COLOURS[o.colour])[attr[0] == "colour"] == attr[1]]
+            assert needs_quadrant == (len(same) > 1), (s.seed, question)
+
+
+def test_follow_ups_are_seeded_spread_over_families_or_quadrant_first(samples):
+    for s in samples:
+        asked = {(q, a): (f, needs) for f, q, a, needs in scene_questions(s.scene.objects)}
+        more = follow_ups(s.seed, 20)
+        assert more == follow_ups(s.seed, 20) and follow_ups(s.seed, 3) == more[:3]
+        assert s.question not in [q for q, _ in more] and all(t in asked for t in more)
+        families = [asked[t][0] for t in more]
+        assert all(families.count(f) <= 2 for f in FAMILIES if f not in ("presence", "count"))
+        by_answer = [(asked[t][0], t[1]) for t in more if asked[t][0] in ("presence", "count")]
         assert len(set(by_answer)) == len(by_answer)
+        hard = follow_ups(s.seed, 6, need_quadrant=True)
+        n_needs = min(4, sum(needs for (q, _), (_, needs) in asked.items() if q != s.question))  # 4: 2/3 of 6
+        assert [asked[t][1] for t in hard[:n_needs]] == [True] * n_needs and all(t in asked for t in hard)
+        assert min(6, len(more)) <= len(set(hard)) == len(hard) <= 6 and s.question not in [q for q, _ in hard]
 
 
 def test_masks_match_the_drawn_objects(samples):

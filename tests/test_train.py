@@ -14,9 +14,9 @@ RECIPE = T.RECIPES["tiny"]
 def runs(tmp_path_factory):
     """The tiny recipe through its last stage twice: once straight, once stopped in stage 1 and again in stage 2."""
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    T.Run(RECIPE, straight, workers=1).run(until="4")
+    T.Run(RECIPE, straight, workers=1).run(until="5")
     for max_steps in (3, 6, None):  # stage 1 stops at 3/8; then stage 1 ends and stage 2 stops at 6/8; then done
-        T.Run(RECIPE, resumed, workers=1).run(until="4", max_steps=max_steps)
+        T.Run(RECIPE, resumed, workers=1).run(until="5", max_steps=max_steps)
     return straight, resumed
 
 
@@ -30,13 +30,13 @@ def test_every_stage_learns(runs):
         loss = _losses(history, stage)
         assert len(loss) == RECIPE.stages[stage - 1].steps
         assert np.mean(loss[-2:]) < 0.8 * np.mean(loss[:2]), (stage, loss)
-    assert np.isfinite(_losses(history, 3) + _losses(history, 4)).all()
+    assert np.isfinite(_losses(history, 3) + _losses(history, 4) + _losses(history, 5)).all()
     val = [r for r in history.records if r["kind"] == "val"]
-    assert {r["stage"] for r in val} == {1, 2, 3, 4} and all("overall" in r for r in val if r["stage"] > 1)
+    assert {r["stage"] for r in val} == {1, 2, 3, 4, 5} and all("overall" in r for r in val if r["stage"] > 1)
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    straight, resumed = (np.load(d / "stage4.npz") for d in runs)
+    straight, resumed = (np.load(d / "stage5.npz") for d in runs)
     assert straight.files == resumed.files
     for k in straight.files:
         np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
@@ -60,7 +60,7 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     run = T.Run(RECIPE, runs[0], workers=1)
-    T.load_checkpoint(runs[0] / "stage4.npz", run.states)
+    T.load_checkpoint(runs[0] / "stage5.npz", run.states)
     model = T.merge(run.graphdef, run.states).model
     T.export(model, run.scene, tmp_path / "hf")
     hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -79,7 +79,7 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path):
 def test_multi_turn_ids_label_every_answer_after_the_one_turn_prompt():
     samples = [make_sample(s) for s in range(5)]
     questions, answers = [s.question for s in samples], [s.answer for s in samples]
-    follow = [follow_ups(s, 3) for s in samples]
+    follow = [follow_ups(s.seed, 3) for s in samples]
     one, one_mask, one_labels = T.vqa_ids(questions, answers, 6)
     ids, mask, labels = T.vqa_ids(questions, answers, 6, follow, turns=3)
     tok = build_tokenizer()
