@@ -29,11 +29,10 @@ def kept_overlay(image: Image.Image, kept: Sequence[int] | None, image_size: int
 
 def accuracy_plot(rows: Sequence[dict], path: str | Path, title: str):
     """Accuracy vs kept image tokens, one line per method (rows: method, keep, accuracy)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switched under a caller (a notebook's inline one)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["keep"], r["accuracy"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method)
@@ -45,4 +44,3 @@ def accuracy_plot(rows: Sequence[dict], path: str | Path, title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -667,11 +667,10 @@ def export(model: Llava, scene: SceneConfig, hf_dir: Path):
 
 def plot_curves(records: list[dict], path: Path):
     """Train loss and validation accuracy: stage 1 (per head), the VQA stages (per family, one after another)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switched under a caller (a notebook's inline one)
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig = Figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2)
     seen = sorted({r["stage"] for r in records})
     ends = {s: max(r["step"] for r in records if r["stage"] == s) for s in seen}
     offset = {s: sum(ends[t] for t in seen if 1 < t < s) for s in seen}
@@ -695,7 +694,6 @@ def plot_curves(records: list[dict], path: Path):
             axes[row, 1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
