@@ -114,7 +114,7 @@ RECIPES = {
     "bundled": Recipe("bundled", seed=0, n_train=30_000, n_val=500, n_test=1000,
                       stages=(Stage(1300, 32, 1e-3, 150), Stage(3500, 32, 1e-3, 100, pooled=True),
                               Stage(5000, 32, 1e-3, 100, pooled=True, turns=7), Stage(600, 32, 3e-4, 50, turns=7),
-                              Stage(1500, 32, 5e-4, 50, turns=7, need_quadrant=True)),
+                              Stage(1000, 32, 5e-4, 50, turns=7, need_quadrant=True)),
                       eval_every=250, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
