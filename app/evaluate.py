@@ -21,6 +21,7 @@ import jax
 
 from app import eval_harness, eval_synthetic, vqa_data
 from app.bundled import MODEL_DIR
+from app.methods import parse_list
 from app.pictures import accuracy_plot
 from app.pipeline import METHODS, Pipeline, read_image
 
@@ -56,7 +57,8 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--data", type=Path, required=True,
                    help=f"directory with {' and '.join(vqa_data.LAYOUTS[name])}")
     p.add_argument("--model", type=Path, required=True, help="HF LLaVA directory or our converted checkpoint")
-    p.add_argument("--methods", nargs="+", default=list(VQA_METHODS), help=f"from {', '.join(VQA_METHODS)}")
+    p.add_argument("--methods", nargs="+", default=list(VQA_METHODS),
+                   help=f"method specs (app/methods.py, e.g. svd:energy=0.9), methods from {', '.join(VQA_METHODS)}")
     p.add_argument("--keep", nargs="+", default=["64", "32", "16"], help="image tokens kept (default 64,32,16)")
     p.add_argument("--out", type=Path, default=None, help=f"results directory (default eval/{name})")
     p.add_argument("--strict", action="store_true", help="fail on bad entries instead of skipping them")
@@ -66,14 +68,15 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--convert-rgb", action=argparse.BooleanOptionalAction, default=True,
                    help="convert non-RGB images with a warning (default), or refuse them")
     args = p.parse_args(argv)
-    methods = items(args.methods)
+    specs = parse_list(args.methods, VQA_METHODS)
+    adaptive = [s.text for s in specs if s.adaptive is not None]
+    if adaptive:
+        raise ValueError(f"adaptive budgets {adaptive} are measured by `eval synthetic`; this harness runs fixed ones")
+    methods = [s.text for s in specs]
     try:
         keeps = [int(k) for k in items(args.keep)]
     except ValueError:
         raise ValueError(f"--keep takes token counts, got {args.keep}") from None
-    bad = [m for m in methods if m not in VQA_METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(VQA_METHODS)}")
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError(f"--batch {args.batch} and --limit {args.limit} must be >= 1")
     dataset = vqa_data.load(name, args.data, strict=args.strict)
