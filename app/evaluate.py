@@ -24,6 +24,7 @@ from app.bundled import MODEL_DIR
 from app.methods import parse_list
 from app.pictures import accuracy_plot
 from app.pipeline import METHODS, Pipeline, read_image
+from app.stats import RESAMPLES
 
 BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
 VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
@@ -104,16 +105,21 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
                                 description=eval_synthetic.__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=MODEL_DIR, help="LLaVA directory (default: the bundled model)")
     p.add_argument("--n", type=int, default=500, help="test questions (default 500)")
-    p.add_argument("--methods", nargs="+", default=list(methods), help=f"from {', '.join(methods)} (default all)")
+    p.add_argument("--methods", nargs="+", default=list(methods),
+                   help=f"method specs (app/methods.py), e.g. svd:energy=0.9,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
+                        f"svd:matrix=projector; methods from {', '.join(methods)} (default: each plain method)")
     p.add_argument("--budgets", nargs="+", default=list(budgets),
                    help="shares of the image tokens (50%%, 64/576) or token counts (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="random-pruning seeds (default 3)")
+    p.add_argument("--seeds", type=int, default=eval_synthetic.SEEDS,
+                   help="random-pruning seeds (default %(default)s)")
+    p.add_argument("--resamples", type=int, default=RESAMPLES,
+                   help="bootstrap resamples for the 95%% intervals (default %(default)s)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=3, help="answers are one word and </s> (default 3)")
     p.add_argument("--out", type=Path, default=Path("eval/synthetic"))
     a = p.parse_args(argv)
     return eval_synthetic.run(a.model, a.out, n=a.n, methods=items(a.methods), budgets=items(a.budgets),
-                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens)
+                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens, resamples=a.resamples)
 
 
 def items(values: Sequence[str]) -> list[str]:
