@@ -1,4 +1,5 @@
-"""`svdprune-jax eval synthetic`: every pruning method spec x budget on the synthetic benchmark's test split.
+"""`svdprune-jax eval synthetic`: every pruning method spec x budget on the synthetic benchmark's test split
+(or, with `--split validation`, the split to choose hyperparameters such as eps, r and adaptive targets on).
 
 Each question gets one greedy answer through `Pipeline.answer` (the path `svdprune-jax run` takes), scored by
 exact match with its one-word answer, overall and per question family. Methods are method specs
@@ -113,8 +114,9 @@ def budget_tokens(spec: str, n: int) -> int:
     return k
 
 
-def load_test_set(n: int, scene: SceneConfig) -> TestSet:
-    samples = [make_sample(seed, scene) for seed in tqdm(split_seeds("test", n), desc="test images", unit="image")]
+def load_test_set(n: int, scene: SceneConfig, split: str = "test") -> TestSet:
+    """The first n questions of a split ("validation" to choose hyperparameters, "test" once per final choice)."""
+    samples = [make_sample(seed, scene) for seed in tqdm(split_seeds(split, n), desc=f"{split} images", unit="image")]
     return TestSet([s.seed for s in samples], [Image.fromarray(s.image) for s in samples],
                    [s.question for s in samples], [s.answer for s in samples], np.array([s.family for s in samples]),
                    np.stack([s.mask.ravel() for s in samples]), np.stack([s.coverage.ravel() for s in samples]))
@@ -343,7 +345,7 @@ def write_outputs(rows: Sequence[dict], runs: Sequence[Run], test: TestSet, out:
                      recall=None if r.recall is None else float(np.nanmean(r.recall)),
                      mean_keep=float(r.tokens.mean()), ms_per_question=1e3 * r.seconds) for r in runs]
     (out / "synthetic.json").write_text(json.dumps(dict(meta, rows=list(rows), runs=per_seed), indent=1))
-    accuracy_plot(rows, out / "synthetic.png", f"synthetic test split, n={meta['n']} (95% bootstrap CI)",
+    accuracy_plot(rows, out / "synthetic.png", f"synthetic {meta['split']} split, n={meta['n']} (95% bootstrap CI)",
                   x="mean_keep")
     smallest = min((r for r in runs if r.kept is not None), key=lambda r: r.keep, default=None)
     if smallest is not None:
@@ -355,17 +357,17 @@ def write_outputs(rows: Sequence[dict], runs: Sequence[Run], test: TestSet, out:
 
 def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = METHODS,
         budgets: Sequence[str] = BUDGETS, seeds: int = SEEDS, batch: int = 50, max_new_tokens: int = 3,
-        resamples: int = RESAMPLES) -> list[dict]:
+        resamples: int = RESAMPLES, split: str = "test") -> list[dict]:
     """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows."""
     if n < 1 or resamples < 1:
         raise ValueError(f"n {n} and resamples {resamples} must be >= 1")
     pipe = Pipeline.load(model_dir)
     _, keeps = check(pipe, methods, budgets)  # before the test images are drawn
     vision = pipe.config.vision
-    test = load_test_set(n, scene_config(vision))
+    test = load_test_set(n, scene_config(vision), split)
     runs = sweep(pipe, test, methods, budgets, seeds=seeds, batch=batch, max_new_tokens=max_new_tokens)
     rows = summarize(runs, test.families, resamples=resamples)
-    meta = dict(model=str(model_dir), n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
+    meta = dict(model=str(model_dir), split=split, n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
                 budgets=keeps, random_seeds=seeds, bootstrap=dict(resamples=resamples, level=0.95, seed=0),
                 adaptive_buckets={b: list(svdprune_jax.budget_buckets(k)) for b, k in keeps.items()})
     write_outputs(rows, runs, test, out, meta, vision.image_size, vision.patch_size)

@@ -104,7 +104,9 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="svdprune-jax eval synthetic",
                                 description=eval_synthetic.__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=MODEL_DIR, help="LLaVA directory (default: the bundled model)")
-    p.add_argument("--n", type=int, default=500, help="test questions (default 500)")
+    p.add_argument("--n", type=int, default=500, help="questions (default 500)")
+    p.add_argument("--split", choices=("validation", "test"), default="test",
+                   help="choose hyperparameters on validation; read test once per final configuration")
     p.add_argument("--methods", nargs="+", default=list(methods),
                    help=f"method specs (app/methods.py), e.g. svd:energy=0.9,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
                         f"svd:matrix=projector; methods from {', '.join(methods)} (default: each plain method)")
@@ -119,7 +121,8 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("eval/synthetic"))
     a = p.parse_args(argv)
     return eval_synthetic.run(a.model, a.out, n=a.n, methods=items(a.methods), budgets=items(a.budgets),
-                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens, resamples=a.resamples)
+                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens, resamples=a.resamples,
+                              split=a.split)
 
 
 def items(values: Sequence[str]) -> list[str]:

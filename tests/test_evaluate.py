@@ -68,6 +68,11 @@ def test_budget_tokens_bad(spec, message):
         eval_synthetic.budget_tokens(spec, 100)
 
 
+def test_validation_split_for_choosing_hyperparameters():
+    val = eval_synthetic.load_test_set(3, SCENE, "validation")
+    assert val.seeds == split_seeds("validation", 3) and not set(val.seeds) & set(split_seeds("test", 3))
+
+
 # ---- the sweep's bookkeeping, without a model
 
 class FakePipe:
