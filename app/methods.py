@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import svdprune_jax
-from svdprune_jax import checks, pruning
+from svdprune_jax import adaptive, checks, pruning
 from models.llava import MATRICES, Pruning
 
 BUDGET = "k"  # rank=k: the rank is the token budget
@@ -69,14 +69,13 @@ class MethodSpec:
         return tuple((name, value) for name, value in self.options if name in ("rank", "energy", "center", "solver"))
 
     def check(self, n: int, d: int, k: int) -> None:
-        """Every check `prune` makes at N tokens of D features and budget k (raises ValueError)."""
+        """Every check `prune` (and `adaptive_budget`) makes at N tokens of D features and budget k: ValueError."""
         if self.method in svdprune_jax.METHODS:
             zeros = np.zeros((n, d), np.float32)
             svdprune_jax.validate(zeros, k, self.method, key=jax.random.key(0), cls_attention=zeros[:, 0],
                                   **dict(self.prune_options(k)))
         if self.adaptive is not None:
-            svdprune_jax.adaptive_budget(np.eye(n, d, dtype=np.float32), self.adaptive,
-                                         svdprune_jax.budget_buckets(k), **dict(self.rule()))
+            adaptive.adaptive_options(n, d, self.adaptive, svdprune_jax.budget_buckets(k), **dict(self.rule()))
 
 
 def _bool(text: str) -> bool:

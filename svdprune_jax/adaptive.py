@@ -74,8 +74,14 @@ def adaptive_budget(features: Float[Array, "*b n d"], target: float, buckets, *,
     jit- and vmap-clean; batched (..., N, D) input works directly. Raises ValueError on bad input.
     """
     n, d = checks.features_shape(features)
-    options = leverage.leverage_options(n, d, rank, energy, center, solver)
-    target = checks.fraction(target, "target")
-    buckets = check_buckets(buckets, n)
+    target, buckets, options = adaptive_options(n, d, target, buckets, rank=rank, energy=energy, center=center,
+                                                solver=solver)
     checks.finite(features, "features")
-    return _adaptive_budget(features, jnp.float32(target), buckets=buckets, options=tuple(sorted(options.items())))
+    return _adaptive_budget(features, jnp.float32(target), buckets=buckets, options=options)
+
+
+def adaptive_options(n: int, d: int, target, buckets, *, rank=None, energy=None, center=False, solver="auto"
+                     ) -> tuple[float, tuple[int, ...], tuple]:
+    """Checked (target, buckets, static leverage options) of `adaptive_budget` for N x D features."""
+    options = leverage.leverage_options(n, d, rank, energy, center, solver)
+    return checks.fraction(target, "target"), check_buckets(buckets, n), tuple(sorted(options.items()))

@@ -229,6 +229,18 @@ def test_given_scores_select_the_kept_tokens(model_dir):
         pipe.answer(images, questions, method=GIVEN, keep=50, scores=scores[:, :99])
 
 
+def test_pipeline_adaptive_specs(model_dir):
+    """answer() takes one budget per call: adaptive specs go through adaptive_keep, and only they do."""
+    pipe = Pipeline.load(model_dir)
+    image = Image.fromarray(make_sample(split_seeds("test", 1)[0], SCENE).image)
+    with pytest.raises(ValueError, match="chooses a budget per image: get them with adaptive_keep"):
+        pipe.answer([image], ["q"], method="svd:adaptive=0.9", keep=10)
+    with pytest.raises(ValueError, match="method spec 'svd' is not adaptive"):
+        pipe.adaptive_keep([image], "svd", 10)
+    with pytest.raises(ValueError, match="unknown method 'oracle'"):
+        pipe.answer([image], ["q"], method="oracle", keep=10)
+
+
 # ---- GQA / TextVQA end to end on fixtures in the official formats
 
 def _save(image, path, mode="RGB"):

@@ -104,5 +104,7 @@ def test_check_against_the_matrix_size():
     with pytest.raises(ValueError, match="contextual must be an int"):
         parse("visionzip:contextual=5", ALLOWED).check(30, 20, 5)
     parse("svd:adaptive=0.9", ALLOWED).check(30, 20, 5)
+    with pytest.raises(ValueError, match=r"min\(N, D\)=20\]; got 21"):
+        parse("svd:adaptive=0.9:rank=21", ALLOWED).check(30, 20, 5)
     assert isinstance(parse("fastv", ALLOWED), MethodSpec)
     parse("fastv", ALLOWED).check(30, 20, 5)  # nothing to check before the language model
