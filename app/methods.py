@@ -14,6 +14,8 @@
                              every image in the largest bucket and uncentred leverage spreads over the background
     lrcp:r=4                 LRCP with its PCA rank (default `svdprune_jax.LRCP_RANK`)
     visionzip:contextual=4   VisionZip's merged-token count (default from the budget)
+    svd:merge=true           merge instead of drop: each dropped token averaged into its most similar kept token
+                             (every method but visionzip and fastv; `svdprune_jax.baselines.merge_dropped`)
     random, norm, ...        the other methods as before; `matrix` applies to methods that score the features
 
 Values are checked here as far as they can be without a model (types, ranges, names); ranks against the
@@ -35,7 +37,8 @@ BUDGET = "k"  # rank=k: the rank is the token budget
 FEATURE_METHODS = ("svd", "lrcp", "norm", "divprune", "visionzip")  # they score the features: `matrix` applies
 ADAPTIVE_RULE = (("center", True), ("energy", 0.9))  # adaptive's rank rule when the spec names none
 ALIASES = dict(r="rank")
-DEFAULTS = dict(svd=dict(center=False, solver="auto"), lrcp=dict(rank=svdprune_jax.LRCP_RANK, solver="auto"))
+DEFAULTS = {m: dict(merge=False) for m in pruning.MERGEABLE} | dict(
+    svd=dict(center=False, solver="auto", merge=False), lrcp=dict(rank=svdprune_jax.LRCP_RANK, solver="auto", merge=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +124,7 @@ def _count(text: str) -> int:
 
 
 VALUES = dict(rank=_rank, energy=_fraction("energy"), center=_bool, solver=_one_of(svdprune_jax.SOLVERS),
-              contextual=_count, matrix=_one_of(MATRICES), adaptive=_fraction("adaptive"))
+              contextual=_count, matrix=_one_of(MATRICES), adaptive=_fraction("adaptive"), merge=_bool)
 
 
 def option_names(method: str) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ N, D, B = 576, 1024, 8
 SOLVERS = ("svd", "gram", "randomized")
 GEOMETRIES = ((144, 128, 16), (576, 1024, 64))  # (N, D, k): the bundled model's tower, LLaVA-1.5's; k = 64/576 N
 SELECTORS = ("svd", "svd:energy=0.9", "svd:center=true:energy=0.9", "svd:center=true", "svd:solver=gram", "lrcp",
-             "norm", "cls_attention", "random", "divprune", "visionzip", "svd:adaptive=0.9")
+             "norm", "cls_attention", "random", "divprune", "visionzip", "svd:merge=true", "svd:adaptive=0.9")
 
 
 def spectra_like_clip(rng, n: int, d: int) -> np.ndarray:

@@ -12,19 +12,20 @@ ALLOWED = (*METHODS, "oracle")
 
 
 @pytest.mark.parametrize("text, method, options, matrix, adaptive", [
-    ("svd", "svd", dict(rank="k", center=False, solver="auto"), "tower", None),
-    ("svd:energy=0.9", "svd", dict(energy=0.9, center=False, solver="auto"), "tower", None),
-    ("svd:r=8:center=true", "svd", dict(rank=8, center=True, solver="auto"), "tower", None),
-    ("svd:center=TRUE:solver=gram", "svd", dict(rank="k", center=True, solver="gram"), "tower", None),
-    ("svd:matrix=projector", "svd", dict(rank="k", center=False, solver="auto"), "projector", None),
-    ("svd:adaptive=0.9", "svd", dict(ADAPTIVE_RULE, solver="auto"), "tower", 0.9),
-    ("svd:adaptive=1:center=false", "svd", dict(energy=0.9, center=False, solver="auto"), "tower", 1.0),
-    ("svd:adaptive=0.8:rank=3", "svd", dict(rank=3, center=False, solver="auto"), "tower", 0.8),
-    ("lrcp", "lrcp", dict(rank=4, solver="auto"), "tower", None),
-    ("lrcp:r=2:matrix=projector", "lrcp", dict(rank=2, solver="auto"), "projector", None),
+    ("svd", "svd", dict(rank="k", center=False, solver="auto", merge=False), "tower", None),
+    ("svd:merge=true", "svd", dict(rank="k", center=False, solver="auto", merge=True), "tower", None),
+    ("svd:energy=0.9", "svd", dict(energy=0.9, center=False, solver="auto", merge=False), "tower", None),
+    ("svd:r=8:center=true", "svd", dict(rank=8, center=True, solver="auto", merge=False), "tower", None),
+    ("svd:center=TRUE:solver=gram", "svd", dict(rank="k", center=True, solver="gram", merge=False), "tower", None),
+    ("svd:matrix=projector", "svd", dict(rank="k", center=False, solver="auto", merge=False), "projector", None),
+    ("svd:adaptive=0.9", "svd", dict(ADAPTIVE_RULE, solver="auto", merge=False), "tower", 0.9),
+    ("svd:adaptive=1:center=false", "svd", dict(energy=0.9, center=False, solver="auto", merge=False), "tower", 1.0),
+    ("svd:adaptive=0.8:rank=3", "svd", dict(rank=3, center=False, solver="auto", merge=False), "tower", 0.8),
+    ("lrcp", "lrcp", dict(rank=4, solver="auto", merge=False), "tower", None),
+    ("lrcp:r=2:matrix=projector", "lrcp", dict(rank=2, solver="auto", merge=False), "projector", None),
     ("visionzip:contextual=3", "visionzip", dict(contextual=3), "tower", None),
-    (" norm ", "norm", {}, "tower", None),
-    ("random", "random", {}, "tower", None),
+    (" norm ", "norm", dict(merge=False), "tower", None),
+    ("random:merge=true", "random", dict(merge=True), "tower", None),
     ("fastv", "fastv", {}, "tower", None),
     ("oracle", "oracle", {}, "tower", None),
 ])
@@ -39,8 +40,11 @@ def test_parse(text, method, options, matrix, adaptive):
     ("svdd", r"unknown method 'svdd'; choose from full, svd, random"),
     ("svd:energy", r"option 'energy' is not NAME=VALUE"),
     ("svd:energy=", r"option 'energy=' is not NAME=VALUE"),
-    ("svd:eps=0.9", r"svd takes no option 'eps'; valid: rank, energy, center, solver, matrix, adaptive"),
-    ("random:matrix=projector", r"random takes no option 'matrix' \(it has no options\)"),
+    ("svd:eps=0.9", r"svd takes no option 'eps'; valid: rank, energy, center, solver, merge, matrix, adaptive"),
+    ("random:matrix=projector", r"random takes no option 'matrix'; valid: merge$"),
+    ("oracle:merge=true", r"oracle takes no option 'merge' \(it has no options\)"),
+    ("visionzip:merge=true", "visionzip takes no option 'merge'"),
+    ("svd:merge=1", "option merge: expected true or false"),
     ("fastv:rank=4", "fastv takes no option 'rank'"),
     ("lrcp:adaptive=0.9", "lrcp takes no option 'adaptive'"),
     ("visionzip:keys=1", "visionzip takes no option 'keys'"),
@@ -86,10 +90,10 @@ def test_fixed_form_of_an_adaptive_spec():
 
 def test_pruning_at_a_budget_reaches_prune():
     spec = parse("svd:center=true:matrix=projector", ALLOWED)
-    assert spec.pruning(7) == Pruning("svd", 7, (("center", True), ("solver", "auto")), "projector")
+    assert spec.pruning(7) == Pruning("svd", 7, (("center", True), ("merge", False), ("solver", "auto")), "projector")
     x = np.random.default_rng(0).standard_normal((2, 30, 20)).astype(np.float32)
     for text, direct in [("svd:energy=0.5:center=true", dict(energy=0.5, center=True)), ("svd:r=6", dict(rank=6)), ("svd", dict()),
-                         ("lrcp:r=2", dict(rank=2)), ("svd:rank=k", dict())]:
+                         ("lrcp:r=2", dict(rank=2)), ("svd:rank=k", dict()), ("norm:merge=true", dict(merge=True))]:
         s = parse(text, ALLOWED)
         for k in (6, 25):  # 25 > D: rank = k clipped to D
             np.testing.assert_array_equal(sp.prune(x, k, s.method, **dict(s.prune_options(k)))[1],
