@@ -48,11 +48,10 @@ def accuracy_plot(rows: Sequence[dict], path: str | Path, title: str, x: str = "
     """Accuracy vs kept image tokens (`x`: the row key on the x axis, e.g. "mean_keep" for adaptive budgets),
     one line per method (rows: method, x, accuracy). Rows with ci_low/ci_high get them as error bars; rows with
     an adaptive target are drawn dashed with square markers, so fixed and adaptive budgets share the axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switched under a caller (a notebook's inline one)
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig = Figure(figsize=(7.2, 4.6))
+    ax = fig.subplots()
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r[x], r["accuracy"], r.get("ci_low"), r.get("ci_high")) for r in rows if r["method"] == method)
         xs, ys, lows, highs = zip(*pts)
@@ -68,4 +67,3 @@ def accuracy_plot(rows: Sequence[dict], path: str | Path, title: str, x: str = "
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
