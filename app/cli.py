@@ -12,23 +12,27 @@ PAPER_FRACTION = 64 / 576  # the paper's 64-of-576 budget, as a share of any mod
 
 def run(args):
     from app.bundled import MODEL_DIR
+    from app.methods import parse
     from app.pictures import kept_overlay
-    from app.pipeline import Pipeline, read_image
+    from app.pipeline import METHODS, Pipeline, read_image
 
     example = json.loads((ASSETS / "example.json").read_text())
     model_dir = args.model or MODEL_DIR
     if args.model is None and not (MODEL_DIR / "config.json").is_file():
         raise ValueError(f"the bundled model is not in this checkout ({MODEL_DIR}): train it (`svdprune-jax "
                          "train`, see the README) or pass --model DIR (an HF LLaVA directory or our checkpoint)")
+    spec = parse(args.method, METHODS)
     question = args.prompt or example["question"]
     image = read_image(args.image or EXAMPLE_IMAGE)
     t = time.perf_counter()
     pipe = Pipeline.load(model_dir)
     load_s = time.perf_counter() - t
     keep = args.keep
-    if keep is None and args.method != "full":
+    if keep is None and spec.method != "full":
         keep = max(1, round(PAPER_FRACTION * pipe.num_image_tokens))
-    kw = dict(method=args.method, keep=keep, max_new_tokens=args.max_new_tokens, timed=True)
+    if spec.adaptive is not None:  # the image's own budget, at most keep
+        keep, spec = int(pipe.adaptive_keep([image], spec, keep)[0]), spec.fixed()
+    kw = dict(method=spec, keep=keep, max_new_tokens=args.max_new_tokens, timed=True)
     t = time.perf_counter()
     pipe.answer([image], [question], **kw)  # first call: compiles
     first_s = time.perf_counter() - t
@@ -36,7 +40,7 @@ def run(args):
     (ans,), timings = pipe.answer([image], [question], **kw)
     seconds = time.perf_counter() - t
     n = pipe.num_image_tokens
-    kept = pipe.budget(args.method, keep)
+    kept = pipe.budget(spec, keep)
     overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
     vis = pipe.config.vision
     kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size).save(overlay)
@@ -77,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--image", type=Path, help=f"RGB image (default: {EXAMPLE_IMAGE.name})")
     r.add_argument("--prompt", help="the question (default: the bundled image's question)")
     r.add_argument("--keep", type=int, help="image tokens kept (default: 64/576 of the model's image tokens)")
-    r.add_argument("--method", default="svd", choices=METHODS)
+    r.add_argument("--method", default="svd", help=f"a method spec, e.g. svd:energy=0.9 (app/methods.py); methods: "
+                   f"{', '.join(METHODS)} (default svd)")
     r.add_argument("--max-new-tokens", type=int, default=16)
     r.add_argument("--out", type=Path, help="PNG of the kept tokens (default: kept_tokens_METHOD_K.png)")
     r.add_argument("--json", action="store_true", help="one JSON object on stdout")

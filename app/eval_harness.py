@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 Predict = Callable[[Sequence[Sample], str, int | None], list[str]]
 BASELINE = ("full", None)  # the unpruned model: every vision token kept
-_METHOD_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_.:=-]+")  # method specs too (app.methods: "svd:energy=0.9")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 def _check_runs(runs: Sequence[tuple[str, int]]) -> None:
     for method, budget in runs:
         if not isinstance(method, str) or not _METHOD_NAME.fullmatch(method) or method == BASELINE[0]:
-            raise ValueError(f"bad method name {method!r}: letters, digits, '_.-' only, and not {BASELINE[0]!r}")
+            raise ValueError(f"bad method name {method!r}: letters, digits, '_.:=-' only, and not {BASELINE[0]!r}")
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"budget of {method!r} must be a positive int, got {budget!r}")
     if len(set(runs)) != len(runs):

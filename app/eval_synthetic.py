@@ -1,21 +1,35 @@
-"""`svdprune-jax eval synthetic`: every pruning method x budget on the synthetic benchmark's test split.
+"""`svdprune-jax eval synthetic`: every pruning method spec x budget on the synthetic benchmark's test split
+(or, with `--split validation`, the split to choose hyperparameters such as eps, r and adaptive targets on).
 
 Each question gets one greedy answer through `Pipeline.answer` (the path `svdprune-jax run` takes), scored by
-exact match with its one-word answer, overall and per question family. Alongside accuracy:
+exact match with its one-word answer, overall and per question family. Methods are method specs
+(`app.methods`: "svd", "svd:energy=0.9", "lrcp:r=4", "svd:adaptive=0.9", ...); results are keyed by the spec as
+given. Alongside accuracy:
+- a 95% bootstrap interval over questions for every accuracy (`app.stats.bootstrap_ci`, seeded: every method
+  is resampled with the same draws);
 - object recall, for the selectors that prune before the language model: the share of the asked object's
   patches (the sample's mask) among the kept tokens, averaged over questions that ask about an object
   (VisionZip: its dominant tokens and the anchors of its merged tokens). FastV prunes inside the language
   model and has none;
-- `random` over several seeds, reported as mean and standard deviation over the seeds;
+- `random` over several seeds (default 5), reported as mean and standard deviation over the seeds;
 - `oracle`: the asked object's patches first (most covered first), then other patches in a fixed random order,
-  handed to the model as per-image scores: the ceiling for a selector that knew the question.
+  handed to the model as per-image scores: the ceiling for a selector that knew the question;
+- at each budget, the exact McNemar test between every `svd` spec and the most accurate other method that is
+  not the oracle (`random`: its seed-0 answers, the pairing a McNemar test needs);
+- mean kept image tokens and wall time per question (compilation excluded: each compiled shape is run once
+  before it is timed). Adaptive specs choose each image's budget among the budget and its halvings
+  (`svdprune_jax.budget_buckets`), group the questions by budget and answer each group at its static budget;
+  their time includes choosing the budgets (one more pass of the vision tower in this implementation).
 Budgets are shares of the model's image tokens ("50%", the paper's "64/576") or token counts ("20"). All
-batches have one size (the last is filled up with repeated rows whose answers are dropped), so every method x
-budget compiles once.
+batches have one size (the last of a group is filled up with repeated rows whose answers are dropped), so every
+method x budget compiles once. Outputs: a CSV and a JSON (rows with intervals and p-values, per-seed runs), an
+accuracy-vs-mean-kept-tokens plot with the intervals as error bars (fixed and adaptive budgets on one axes) and a
+grid of the kept tokens of every selector on the first test images at the smallest budget.
 """
 import csv
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,9 +41,11 @@ from tqdm import tqdm
 
 import svdprune_jax
 from app.bundled import SCENES
-from app.pictures import accuracy_plot
+from app.methods import MethodSpec, parse, parse_list
+from app.pictures import accuracy_plot, kept_grid
 from app.pipeline import GIVEN, Pipeline
 from app.scene import SceneConfig
+from app.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
 from app.synthetic import FAMILIES, make_sample, split_seeds
 from models.clip import CLIPVisionConfig
 
@@ -38,6 +54,8 @@ FULL = "full"
 RECALLED = (*svdprune_jax.METHODS, ORACLE)  # selectors that keep patches before the language model
 METHODS = (*svdprune_jax.METHODS, "fastv", ORACLE)
 BUDGETS = ("100%", "50%", "25%", "64/576", "32/576", "16/576")
+SEEDS = 5  # random pruning's seeds
+GRID_IMAGES = 4  # test images in the kept-token grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +74,20 @@ class TestSet:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One method at one budget (and one seed): what each question got."""
-    method: str
+    """One method spec at one budget (and one seed): what each question got."""
+    spec: MethodSpec
     budget: str  # the budget as asked ("50%", "64/576", "20"), or "all" for the unpruned model
-    keep: int  # image tokens the language model reads
+    keep: int  # image tokens the language model reads (adaptive: at most)
     seed: int
     correct: Bool[np.ndarray, "n"]
+    tokens: Int[np.ndarray, "n"]  # image tokens each question's image kept
+    kept: list[list[int]] | None  # kept patch indices per question; None without kept patches (full, fastv)
     recall: Float[np.ndarray, "n"] | None  # NaN where nothing is asked about; None without kept patches
+    seconds: float  # wall time per question, compilation excluded
+
+    @property
+    def method(self) -> str:
+        return self.spec.text
 
 
 def scene_config(vision: CLIPVisionConfig) -> SceneConfig:
@@ -89,8 +114,9 @@ def budget_tokens(spec: str, n: int) -> int:
     return k
 
 
-def load_test_set(n: int, scene: SceneConfig) -> TestSet:
-    samples = [make_sample(seed, scene) for seed in tqdm(split_seeds("test", n), desc="test images", unit="image")]
+def load_test_set(n: int, scene: SceneConfig, split: str = "test") -> TestSet:
+    """The first n questions of a split ("validation" to choose hyperparameters, "test" once per final choice)."""
+    samples = [make_sample(seed, scene) for seed in tqdm(split_seeds(split, n), desc=f"{split} images", unit="image")]
     return TestSet([s.seed for s in samples], [Image.fromarray(s.image) for s in samples],
                    [s.question for s in samples], [s.answer for s in samples], np.array([s.family for s in samples]),
                    np.stack([s.mask.ravel() for s in samples]), np.stack([s.coverage.ravel() for s in samples]))
@@ -103,82 +129,153 @@ def oracle_scores(mask: Bool[np.ndarray, "n N"], coverage: Float[np.ndarray, "n 
     return np.where(mask, 1 + coverage, fill).astype(np.float32)
 
 
-def object_recall(kept: Int[np.ndarray, "n k"], mask: Bool[np.ndarray, "n N"]) -> Float[np.ndarray, "n"]:
-    """Share of each question's asked-object patches among its kept tokens; NaN where none is asked about."""
+def object_recall(kept: Sequence[Sequence[int]], mask: Bool[np.ndarray, "n N"]) -> Float[np.ndarray, "n"]:
+    """Share of each question's asked-object patches among its kept tokens (any number kept per question);
+    NaN where none is asked about."""
     size = mask.sum(1)
-    hits = np.take_along_axis(mask, kept, axis=1).sum(1)
+    hits = np.array([mask[i, np.asarray(k, int)].sum() for i, k in enumerate(kept)])
     return np.where(size > 0, hits / np.maximum(size, 1), np.nan)
 
 
-def evaluate_run(pipe: Pipeline, test: TestSet, method: str, budget: str, keep: int, *, seed: int = 0,
-                 batch: int, max_new_tokens: int, bar: tqdm) -> Run:
-    """Answers every question of `test` with one method at one budget, `batch` questions per call."""
-    n, batch = len(test), min(batch, len(test))
-    scores = oracle_scores(test.mask, test.coverage) if method == ORACLE else None
-    texts, kept = [], []
-    for b, start in enumerate(range(0, n, batch)):
-        rows = np.arange(start, start + batch) % n  # the last batch is filled up with repeated rows
-        select = dict(method=GIVEN, scores=scores[rows]) if method == ORACLE else dict(method=method)
-        answers, _ = pipe.answer([test.images[i] for i in rows], [test.questions[i] for i in rows], **select,
-                                 keep=None if method == FULL else keep, max_new_tokens=max_new_tokens,
-                                 key=jax.random.fold_in(jax.random.key(seed), b))
-        real = answers[:n - start]  # the repeated rows' answers are dropped
-        texts += [a.text for a in real]
-        kept += [a.kept_indices for a in real]
-        bar.update(len(real))
-    correct = np.array(texts) == np.array(test.answers)
-    recall = object_recall(np.array(kept), test.mask) if method in RECALLED else None
-    return Run(method, budget, keep, seed, correct, recall)
+def _batches(rows: np.ndarray, batch: int) -> list[tuple[np.ndarray, int]]:
+    """`rows` in batches of exactly `batch`, the last filled up by repeating rows: (batch rows, real rows)."""
+    return [(rows[np.arange(start, start + batch) % len(rows)], min(batch, len(rows) - start))
+            for start in range(0, len(rows), batch)]
 
 
-def check(methods: Sequence[str], budgets: Sequence[str], n_tokens: int) -> dict[str, int]:
-    """Tokens kept per budget, after checking the methods and budgets."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or len(set(methods)) != len(methods):
-        raise ValueError(f"methods {list(methods)}: each once, from {', '.join(METHODS)}")
+class Clock:
+    """Wall time of model calls, compilation excluded: a call of a shape not run before is run once untimed."""
+
+    def __init__(self):
+        self.warm, self.seconds = set(), 0.0
+
+    def __call__(self, shape, fn):
+        if shape not in self.warm:
+            fn()
+            self.warm.add(shape)
+        t = time.perf_counter()
+        out = fn()
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+def adaptive_tokens(pipe: Pipeline, test: TestSet, spec: MethodSpec, keep: int, *, batch: int, clock: Clock
+                    ) -> Int[np.ndarray, "n"]:
+    """Image tokens per question for an adaptive spec at budget `keep` (`Pipeline.adaptive_keep`)."""
+    rows = np.arange(len(test))
+    got = [clock(("adaptive", spec, keep), lambda b=b: pipe.adaptive_keep([test.images[i] for i in b], spec, keep))
+           [:real] for b, real in _batches(rows, min(batch, len(test)))]
+    return np.concatenate(got)
+
+
+def evaluate_run(pipe: Pipeline, test: TestSet, spec: MethodSpec, budget: str, keep: int, *, seed: int = 0,
+                 batch: int, max_new_tokens: int, bar: tqdm, clock: Clock | None = None) -> Run:
+    """Answers every question of `test` with one method spec at one budget, `batch` questions per call; an
+    adaptive spec answers each group of questions whose images chose the same budget together."""
+    n, batch, clock = len(test), min(batch, len(test)), clock or Clock()
+    start = clock.seconds
+    tokens = (adaptive_tokens(pipe, test, spec, keep, batch=batch, clock=clock) if spec.adaptive is not None
+              else np.full(n, keep))
+    fixed = spec.fixed() if spec.adaptive is not None else spec
+    scores = oracle_scores(test.mask, test.coverage) if spec.method == ORACLE else None
+    texts, kept = np.empty(n, object), [None] * n
+    groups = [g for k in np.unique(tokens) for g in _batches(np.flatnonzero(tokens == k), batch)]
+    for b, (rows, real) in enumerate(groups):
+        k = int(tokens[rows[0]])
+        select = dict(method=GIVEN, scores=scores[rows]) if scores is not None else dict(method=fixed.text)
+        answers, _ = clock((fixed, k), lambda: pipe.answer(
+            [test.images[i] for i in rows], [test.questions[i] for i in rows], **select,
+            keep=None if spec.method == FULL else k, max_new_tokens=max_new_tokens,
+            key=jax.random.fold_in(jax.random.key(seed), b)))
+        for i, a in zip(rows[:real], answers[:real]):
+            texts[i], kept[i] = a.text, a.kept_indices
+        bar.update(real)
+    correct = (texts == np.array(test.answers, object)).astype(bool)
+    has_kept = spec.method in RECALLED
+    return Run(spec, budget, keep, seed, correct, tokens, kept if has_kept else None,
+               object_recall(kept, test.mask) if has_kept else None, (clock.seconds - start) / n)
+
+
+def check(pipe: Pipeline, methods: Sequence[str], budgets: Sequence[str]) -> tuple[list[MethodSpec], dict[str, int]]:
+    """The parsed method specs and the tokens kept per budget, after checking every spec at every budget
+    against the model (before any work)."""
+    specs = parse_list(methods, METHODS)
     if len(set(budgets)) != len(budgets):
         raise ValueError(f"budgets {list(budgets)}: each once")
-    return {spec: budget_tokens(spec, n_tokens) for spec in budgets}
+    keeps = {b: budget_tokens(b, pipe.num_image_tokens) for b in budgets}
+    for spec in specs:
+        for k in keeps.values():
+            if spec.method != ORACLE:
+                pipe.budget(spec, k)
+    return specs, keeps
 
 
-def sweep(pipe: Pipeline, test: TestSet, methods: Sequence[str], budgets: Sequence[str], *, seeds: int = 3,
+def sweep(pipe: Pipeline, test: TestSet, methods: Sequence[str], budgets: Sequence[str], *, seeds: int = SEEDS,
           batch: int = 50, max_new_tokens: int = 3) -> list[Run]:
-    """The unpruned model, then every method at every budget (`random` once per seed)."""
+    """The unpruned model, then every method spec at every budget (`random` once per seed)."""
     n_tokens = pipe.num_image_tokens
     if n_tokens != test.mask.shape[1]:
         raise ValueError(f"the model reads {n_tokens} image tokens per image, the scenes have {test.mask.shape[1]} "
                          "patches (only the 'default' feature strategy, patches without CLS, is supported)")
     if seeds < 1 or batch < 1 or max_new_tokens < 1:
         raise ValueError(f"seeds {seeds}, batch {batch} and max_new_tokens {max_new_tokens} must be >= 1")
-    keeps = check(methods, budgets, n_tokens)
-    jobs = [(FULL, "all", n_tokens, 0)] + [(m, spec, k, s) for spec, k in keeps.items() for m in methods
-                                            for s in range(seeds if m == "random" else 1)]
+    specs, keeps = check(pipe, methods, budgets)
+    jobs = [(parse(FULL, [FULL]), "all", n_tokens, 0)] + [
+        (spec, b, k, s) for b, k in keeps.items() for spec in specs for s in range(seeds if spec.method == "random" else 1)]
+    clock = Clock()
     with tqdm(total=len(jobs) * len(test), unit="answer", desc="synthetic") as bar:
         runs = []
-        for method, spec, keep, seed in jobs:
-            bar.set_postfix_str(f"{method} {spec}" + (f" seed {seed}" if method == "random" else ""))
-            runs.append(evaluate_run(pipe, test, method, spec, keep, seed=seed, batch=batch,
-                                     max_new_tokens=max_new_tokens, bar=bar))
+        for spec, b, keep, seed in jobs:
+            bar.set_postfix_str(f"{spec} {b}" + (f" seed {seed}" if spec.method == "random" else ""))
+            runs.append(evaluate_run(pipe, test, spec, b, keep, seed=seed, batch=batch,
+                                     max_new_tokens=max_new_tokens, bar=bar, clock=clock))
     return runs
 
 
-def summarize(runs: Sequence[Run], families: np.ndarray) -> list[dict]:
-    """One row per method x budget: accuracy (%) and object recall (means over seeds, with their sample
-    standard deviation), and accuracy per family."""
+def summarize(runs: Sequence[Run], families: np.ndarray, *, resamples: int = RESAMPLES) -> list[dict]:
+    """One row per method spec x budget: accuracy (%) with its bootstrap interval, object recall (means over
+    seeds, with their sample standard deviation), mean kept tokens, ms per question, accuracy per family with
+    its interval, and for `svd` specs the McNemar p-value against the best other non-oracle method."""
     rows = []
-    for method, budget, keep in dict.fromkeys((r.method, r.budget, r.keep) for r in runs):
-        group = [r for r in runs if (r.method, r.budget) == (method, budget)]
-        acc = np.array([100 * r.correct.mean() for r in group])
-        row = dict(method=method, budget=budget, keep=keep, seeds=len(group), accuracy=acc.mean(),
-                   accuracy_std=_std(acc), recall=None, recall_std=None)
-        if group[0].recall is not None:
+    for key in dict.fromkeys((r.method, r.budget) for r in runs):
+        group = [r for r in runs if (r.method, r.budget) == key]
+        first = group[0]
+        correct = np.stack([r.correct for r in group])
+        acc = 100 * correct.mean(1)
+        low, high = bootstrap_ci(correct, resamples=resamples)
+        row = dict(method=first.method, budget=first.budget, keep=first.keep, adaptive=first.spec.adaptive,
+                   mean_keep=float(np.mean([r.tokens.mean() for r in group])), seeds=len(group),
+                   accuracy=acc.mean(), accuracy_std=_std(acc), ci_low=low, ci_high=high, recall=None,
+                   recall_std=None, ms_per_question=1e3 * float(np.mean([r.seconds for r in group])),
+                   mcnemar_vs=None, mcnemar_p=None)
+        if first.recall is not None:
             rec = np.array([np.nanmean(r.recall) for r in group])
             row.update(recall=rec.mean(), recall_std=_std(rec))
         for f in FAMILIES:  # None for a family with no question among the n
             asked = families == f
-            row[f"accuracy_{f}"] = np.mean([100 * r.correct[asked].mean() for r in group]) if asked.any() else None
+            row[f"accuracy_{f}"] = 100 * correct[:, asked].mean() if asked.any() else None
+            row[f"accuracy_{f}_ci_low"], row[f"accuracy_{f}_ci_high"] = (
+                bootstrap_ci(correct[:, asked], resamples=resamples) if asked.any() else (None, None))
         rows.append({k: float(v) if isinstance(v, np.floating) else v for k, v in row.items()})
+    _mcnemar(rows, runs)
     return rows
+
+
+def _mcnemar(rows: list[dict], runs: Sequence[Run]) -> None:
+    """Fills mcnemar_vs / mcnemar_p of every svd row: against the most accurate row at its budget that is neither
+    svd nor oracle (nor the unpruned model), paired on seed 0's answers."""
+    family = {r.method: r.spec.method for r in runs}
+    answers = {(r.method, r.budget): r.correct for r in runs if r.seed == 0}
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        here = [r for r in rows if r["budget"] == budget]
+        others = [r for r in here if family[r["method"]] not in ("svd", ORACLE, FULL)]
+        if not others:
+            continue
+        best = max(others, key=lambda r: r["accuracy"])
+        for r in here:
+            if family[r["method"]] == "svd":
+                r["mcnemar_vs"] = best["method"]
+                r["mcnemar_p"] = mcnemar_exact(answers[r["method"], budget], answers[best["method"], budget])
 
 
 def _std(values: np.ndarray) -> float:
@@ -187,9 +284,11 @@ def _std(values: np.ndarray) -> float:
 
 
 def _cell(row: dict, key: str, digits: int) -> str:
+    """mean, ±std over seeds when there are several, [interval] when the row has one."""
     if row[key] is None:
         return "-"
-    return f"{row[key]:.{digits}f}" + (f"±{row[key + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
+    text = f"{row[key]:.{digits}f}" + (f"±{row[key + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
+    return text + (f" [{row['ci_low']:.{digits}f},{row['ci_high']:.{digits}f}]" if key == "accuracy" else "")
 
 
 def _align(lines: list[list[str]], left: int) -> str:
@@ -199,17 +298,28 @@ def _align(lines: list[list[str]], left: int) -> str:
                      for line in lines)
 
 
-def format_table(rows: Sequence[dict], key: str = "accuracy", title: str = "accuracy %") -> str:
-    """Methods down, budgets across (kept tokens in brackets); random as mean±std over seeds."""
+def format_table(rows: Sequence[dict], key: str = "accuracy", title: str = "accuracy % [95% CI]",
+                 cell=None) -> str:
+    """Method specs down, budgets across (kept tokens in brackets); random as mean±std over seeds."""
     digits = 1 if key == "accuracy" else 2
+    cell = cell or (lambda r: _cell(r, key, digits))
     budgets = list(dict.fromkeys((r["budget"], r["keep"]) for r in rows if r["method"] != FULL))
-    cells = {(r["method"], r["budget"]): _cell(r, key, digits) for r in rows}
+    cells = {(r["method"], r["budget"]): cell(r) for r in rows}
     lines = [[title] + [f"{b} ({k})" for b, k in budgets]]
-    lines += [[f"{FULL} ({r['keep']})", _cell(r, key, digits)] + [""] * (len(budgets) - 1)
-              for r in rows if r["method"] == FULL]
+    lines += [[f"{FULL} ({r['keep']})", cell(r)] + [""] * (len(budgets) - 1) for r in rows if r["method"] == FULL]
     lines += [[m] + [cells.get((m, b), "") for b, _ in budgets]
               for m in dict.fromkeys(r["method"] for r in rows if r["method"] != FULL)]
     return _align(lines, 1)
+
+
+def cost_cell(row: dict) -> str:
+    return f"{row['mean_keep']:.1f} tok {row['ms_per_question']:.1f} ms"
+
+
+def mcnemar_lines(rows: Sequence[dict]) -> str:
+    """One line per svd spec x budget: the paired test against the best other method."""
+    return "\n".join(f"{r['budget']:>8}  {r['method']} vs {r['mcnemar_vs']}: p = {r['mcnemar_p']:.3g}"
+                     for r in rows if r["mcnemar_p"] is not None) or "(no svd spec and other method to compare)"
 
 
 def family_table(rows: Sequence[dict], budget: str) -> str:
@@ -221,33 +331,49 @@ def family_table(rows: Sequence[dict], budget: str) -> str:
     return _align(lines, 2)
 
 
-def write_outputs(rows: Sequence[dict], runs: Sequence[Run], out: Path, meta: dict) -> None:
-    """out/synthetic.csv (one row per method x budget), out/synthetic.json (meta, rows, per-seed runs) and
-    out/synthetic.png (accuracy vs kept tokens)."""
+def write_outputs(rows: Sequence[dict], runs: Sequence[Run], test: TestSet, out: Path, meta: dict,
+                  image_size: int, patch_size: int) -> None:
+    """out/synthetic.csv (one row per method x budget), out/synthetic.json (meta, rows, per-seed runs),
+    out/synthetic.png (accuracy vs mean kept tokens, 95% intervals) and out/kept_tokens.png (kept tokens of every
+    selector on the first test images at the smallest budget)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "synthetic.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     per_seed = [dict(method=r.method, budget=r.budget, keep=r.keep, seed=r.seed, accuracy=100 * float(r.correct.mean()),
-                     recall=None if r.recall is None else float(np.nanmean(r.recall))) for r in runs]
+                     recall=None if r.recall is None else float(np.nanmean(r.recall)),
+                     mean_keep=float(r.tokens.mean()), ms_per_question=1e3 * r.seconds) for r in runs]
     (out / "synthetic.json").write_text(json.dumps(dict(meta, rows=list(rows), runs=per_seed), indent=1))
-    accuracy_plot(rows, out / "synthetic.png", f"synthetic test split, n={meta['n']}")
+    accuracy_plot(rows, out / "synthetic.png", f"synthetic {meta['split']} split, n={meta['n']} (95% bootstrap CI)",
+                  x="mean_keep")
+    smallest = min((r for r in runs if r.kept is not None), key=lambda r: r.keep, default=None)
+    if smallest is not None:
+        shown = [r for r in runs if r.budget == smallest.budget and r.kept is not None and r.seed == 0]
+        images = test.images[:GRID_IMAGES]
+        kept_grid(images, {r.method: r.kept[:len(images)] for r in shown}, image_size, patch_size,
+                  f"kept tokens at budget {smallest.budget}").save(out / "kept_tokens.png")
 
 
 def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = METHODS,
-        budgets: Sequence[str] = BUDGETS, seeds: int = 3, batch: int = 50, max_new_tokens: int = 3) -> list[dict]:
+        budgets: Sequence[str] = BUDGETS, seeds: int = SEEDS, batch: int = 50, max_new_tokens: int = 3,
+        resamples: int = RESAMPLES, split: str = "test") -> list[dict]:
     """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if n < 1 or resamples < 1:
+        raise ValueError(f"n {n} and resamples {resamples} must be >= 1")
     pipe = Pipeline.load(model_dir)
-    keeps = check(methods, budgets, pipe.num_image_tokens)  # before the test images are drawn
-    test = load_test_set(n, scene_config(pipe.config.vision))
+    _, keeps = check(pipe, methods, budgets)  # before the test images are drawn
+    vision = pipe.config.vision
+    test = load_test_set(n, scene_config(vision), split)
     runs = sweep(pipe, test, methods, budgets, seeds=seeds, batch=batch, max_new_tokens=max_new_tokens)
-    rows = summarize(runs, test.families)
-    meta = dict(model=str(model_dir), n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
-                budgets=keeps, random_seeds=seeds)
-    write_outputs(rows, runs, out, meta)
-    print(format_table(rows), format_table(rows, "recall", "object recall"), family_table(rows, budgets[-1]),
-          f"wrote {out}/synthetic.csv, synthetic.json, synthetic.png", sep="\n\n")
+    rows = summarize(runs, test.families, resamples=resamples)
+    meta = dict(model=str(model_dir), split=split, n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
+                budgets=keeps, random_seeds=seeds, bootstrap=dict(resamples=resamples, level=0.95, seed=0),
+                adaptive_buckets={b: list(svdprune_jax.budget_buckets(k)) for b, k in keeps.items()})
+    write_outputs(rows, runs, test, out, meta, vision.image_size, vision.patch_size)
+    print(format_table(rows), format_table(rows, "recall", "object recall"),
+          format_table(rows, title="mean kept tokens, ms per question", cell=cost_cell),
+          "McNemar (exact, two-sided), svd specs vs the best other non-oracle method:\n" + mcnemar_lines(rows),
+          family_table(rows, budgets[-1]),
+          f"wrote {out}/synthetic.csv, synthetic.json, synthetic.png, kept_tokens.png", sep="\n\n")
     return rows

@@ -21,8 +21,10 @@ import jax
 
 from app import eval_harness, eval_synthetic, vqa_data
 from app.bundled import MODEL_DIR
+from app.methods import parse_list
 from app.pictures import accuracy_plot
 from app.pipeline import METHODS, Pipeline, read_image
+from app.stats import RESAMPLES
 
 BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
 VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
@@ -56,7 +58,8 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--data", type=Path, required=True,
                    help=f"directory with {' and '.join(vqa_data.LAYOUTS[name])}")
     p.add_argument("--model", type=Path, required=True, help="HF LLaVA directory or our converted checkpoint")
-    p.add_argument("--methods", nargs="+", default=list(VQA_METHODS), help=f"from {', '.join(VQA_METHODS)}")
+    p.add_argument("--methods", nargs="+", default=list(VQA_METHODS),
+                   help=f"method specs (app/methods.py, e.g. svd:energy=0.9), methods from {', '.join(VQA_METHODS)}")
     p.add_argument("--keep", nargs="+", default=["64", "32", "16"], help="image tokens kept (default 64,32,16)")
     p.add_argument("--out", type=Path, default=None, help=f"results directory (default eval/{name})")
     p.add_argument("--strict", action="store_true", help="fail on bad entries instead of skipping them")
@@ -66,14 +69,15 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--convert-rgb", action=argparse.BooleanOptionalAction, default=True,
                    help="convert non-RGB images with a warning (default), or refuse them")
     args = p.parse_args(argv)
-    methods = items(args.methods)
+    specs = parse_list(args.methods, VQA_METHODS)
+    adaptive = [s.text for s in specs if s.adaptive is not None]
+    if adaptive:
+        raise ValueError(f"adaptive budgets {adaptive} are measured by `eval synthetic`; this harness runs fixed ones")
+    methods = [s.text for s in specs]
     try:
         keeps = [int(k) for k in items(args.keep)]
     except ValueError:
         raise ValueError(f"--keep takes token counts, got {args.keep}") from None
-    bad = [m for m in methods if m not in VQA_METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(VQA_METHODS)}")
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError(f"--batch {args.batch} and --limit {args.limit} must be >= 1")
     dataset = vqa_data.load(name, args.data, strict=args.strict)
@@ -100,17 +104,25 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="svdprune-jax eval synthetic",
                                 description=eval_synthetic.__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=MODEL_DIR, help="LLaVA directory (default: the bundled model)")
-    p.add_argument("--n", type=int, default=500, help="test questions (default 500)")
-    p.add_argument("--methods", nargs="+", default=list(methods), help=f"from {', '.join(methods)} (default all)")
+    p.add_argument("--n", type=int, default=500, help="questions (default 500)")
+    p.add_argument("--split", choices=("validation", "test"), default="test",
+                   help="choose hyperparameters on validation; read test once per final configuration")
+    p.add_argument("--methods", nargs="+", default=list(methods),
+                   help=f"method specs (app/methods.py), e.g. svd:energy=0.9,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
+                        f"svd:matrix=projector; methods from {', '.join(methods)} (default: each plain method)")
     p.add_argument("--budgets", nargs="+", default=list(budgets),
                    help="shares of the image tokens (50%%, 64/576) or token counts (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="random-pruning seeds (default 3)")
+    p.add_argument("--seeds", type=int, default=eval_synthetic.SEEDS,
+                   help="random-pruning seeds (default %(default)s)")
+    p.add_argument("--resamples", type=int, default=RESAMPLES,
+                   help="bootstrap resamples for the 95%% intervals (default %(default)s)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=3, help="answers are one word and </s> (default 3)")
     p.add_argument("--out", type=Path, default=Path("eval/synthetic"))
     a = p.parse_args(argv)
     return eval_synthetic.run(a.model, a.out, n=a.n, methods=items(a.methods), budgets=items(a.budgets),
-                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens)
+                              seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens, resamples=a.resamples,
+                              split=a.split)
 
 
 def items(values: Sequence[str]) -> list[str]:

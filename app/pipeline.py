@@ -1,8 +1,10 @@
 """Images + questions -> answers through any LLaVA directory (HF or ours): the path `run` and every eval share.
 
 A method is one of `svdprune_jax.METHODS` (pruning between the vision tower and the projector), "fastv"
-(pruning inside the language model at layer K) or "full" (no pruning). The budget `keep` is the number of
-image tokens the language model reads (FastV: from layer K on).
+(pruning inside the language model at layer K) or "full" (no pruning), given as a method spec with its
+options (`app.methods`: "svd:energy=0.9:matrix=projector"). The budget `keep` is the number of image tokens
+the language model reads (FastV: from layer K on). Adaptive specs choose a budget per image
+(`Pipeline.adaptive_keep`); each budget is then answered with the spec's fixed form (`MethodSpec.fixed`).
 """
 import dataclasses
 import logging
@@ -16,12 +18,13 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 import svdprune_jax
+from app.methods import MethodSpec, parse
 from convert.checkpoint import load_model
 from convert.hf_config import processor_path, tokenizer_path
 from models import stack
 from models.generate import generate
 from models.llama import FastV
-from models.llava import GIVEN, LlavaConfig, Pruning
+from models.llava import GIVEN, LlavaConfig, adaptive_keep
 
 log = logging.getLogger(__name__)
 METHODS = ("full", *svdprune_jax.METHODS, "fastv")  # answer() also takes GIVEN, with the caller's scores
@@ -59,18 +62,35 @@ class Pipeline:
     def num_image_tokens(self) -> int:
         return self.config.num_image_tokens
 
-    def budget(self, method: str, keep: int | None) -> int:
-        """Image tokens the language model reads; checks the method and the budget."""
-        if method not in (*METHODS, GIVEN):
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    def spec(self, method: str | MethodSpec) -> MethodSpec:
+        """A method spec (`app.methods`), parsed when given as text."""
+        return method if isinstance(method, MethodSpec) else parse(method, (*METHODS, GIVEN))
+
+    def budget(self, method: str | MethodSpec, keep: int | None) -> int:
+        """Image tokens the language model reads (adaptive specs: the most); checks the method spec at this
+        budget against the model's feature sizes and the budget."""
+        spec = self.spec(method)
         n = self.num_image_tokens
-        if method == "full":
+        if spec.method == "full":
             if keep not in (None, n):
                 raise ValueError(f"method 'full' keeps all {n} image tokens, not {keep}")
             return n
         if keep is None or not 1 <= keep <= n:
             raise ValueError(f"keep {keep} outside [1, {n}] (the model's image tokens)")
+        cfg = self.config
+        width = cfg.text.hidden_size if spec.matrix == "projector" else cfg.vision.hidden_size * cfg.num_feature_layers
+        spec.check(n, width, keep)
         return keep
+
+    def adaptive_keep(self, images: Sequence[Image.Image], method: str | MethodSpec, keep: int) -> np.ndarray:
+        """Image tokens per image (B,) for an adaptive spec: the smallest of `svdprune_jax.budget_buckets(keep)`
+        holding the spec's target share of each image's leverage mass (`svdprune_jax.adaptive_budget`)."""
+        spec = self.spec(method)
+        if spec.adaptive is None:
+            raise ValueError(f"method spec {spec.text!r} is not adaptive (no adaptive=TARGET)")
+        keep = self.budget(spec, keep)
+        return np.asarray(adaptive_keep(self.graphdef, self.state, self.pixel_values(images), spec.adaptive,
+                                        svdprune_jax.budget_buckets(keep), matrix=spec.matrix, rule=spec.rule()))
 
     def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
         return np.asarray(self.processor(images=list(images), return_tensors="np")["pixel_values"], np.float32)
@@ -81,15 +101,21 @@ class Pipeline:
             raise ValueError(f"the prompt template must hold exactly one image token: {template!r}")
         return ids
 
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, method: str = "svd",
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, method: str | MethodSpec = "svd",
                keep: int | None = None, max_new_tokens: int = 16, template: str = CHAT_TEMPLATE,
                key: jax.Array | None = None, scores: np.ndarray | None = None, timed: bool = False
                ) -> tuple[list[Answer], dict[str, float]]:
         """Greedy answers for a batch (one image per question), and the stage timings when `timed`.
+        method: a method spec (text or parsed), not adaptive: one budget per call.
         scores (B, N): per-token scores for method GIVEN, which keeps the `keep` highest of each image."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images for {len(questions)} questions")
-        budget = self.budget(method, keep)
+        spec = self.spec(method)
+        if spec.adaptive is not None:
+            raise ValueError(f"method spec {spec.text!r} chooses a budget per image: get them with adaptive_keep "
+                             "and answer each budget with the spec's fixed form (MethodSpec.fixed())")
+        budget = self.budget(spec, keep)
+        method = spec.method
         in_llm = method in ("full", "fastv")
         prompts = [self.prompt_ids(q, template) for q in questions]
         slots = self.num_image_tokens if in_llm else budget
@@ -103,7 +129,7 @@ class Pipeline:
         out = generate(self.graphdef, self.state, self.pixel_values(images), ids, mask,
                        max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                        pad_token_id=self.tokenizer.pad_token_id or 0,
-                       pruning=None if in_llm else Pruning(method, budget),
+                       pruning=None if in_llm else spec.pruning(budget),
                        fastv=FastV(budget) if method == "fastv" else None, key=key, scores=scores, timed=timed)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         kept = None if out.kept is None else np.asarray(out.kept)

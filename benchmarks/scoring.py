@@ -1,6 +1,13 @@
-"""Leverage-score solvers at LLaVA-1.5 geometry (N=576 tokens, D=1024): speed and float32 accuracy.
+"""Leverage-score solvers at LLaVA-1.5 geometry (N=576 tokens, D=1024): speed and float32 accuracy; and the
+time per image of every selector (method spec) at the bundled model's geometry and at LLaVA-1.5's.
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.scoring [--rank 64] [--reps 7] [--torch-threads 1]
+                                                        [--part solvers|selectors|all]
+
+Selectors (`SELECTORS`, method specs as the command line spells them): `prune` on one image under jit at the
+paper's 64/576 budget share (k=16 of N=144, D=128; k=64 of N=576, D=1024), median (best) ms after a warm-up
+call, compile time apart; the adaptive spec's row is choosing the image's budget (`adaptive_budget`), the
+selection after it costs what its fixed form costs at the chosen bucket.
 
 Times (median and best ms after one warm-up call, compile time separately) for one image and a vmap batch of 8:
 our solvers under jit, NumPy float64 SVD leverage and torch.linalg.svd float32 leverage. Then the max
@@ -24,22 +31,31 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import svdprune_jax as sp  # noqa: E402
+from app.methods import parse  # noqa: E402
 
 N, D, B = 576, 1024, 8
 SOLVERS = ("svd", "gram", "randomized")
+GEOMETRIES = ((144, 128, 16), (576, 1024, 64))  # (N, D, k): the bundled model's tower, LLaVA-1.5's; k = 64/576 N
+SELECTORS = ("svd", "svd:energy=0.9", "svd:center=true:energy=0.9", "svd:center=true", "svd:solver=gram", "lrcp",
+             "norm", "cls_attention", "random", "divprune", "visionzip", "svd:merge=true", "svd:adaptive=0.9")
+
+
+def spectra_like_clip(rng, n: int, d: int) -> np.ndarray:
+    """One CLIP-like (n, d) matrix: power-law spectrum plus a shared mean token (see `spectra`)."""
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    base = rng.standard_normal((n, d)) * np.arange(1, d + 1) ** -0.7 @ q
+    return (base + 3 * np.abs(base).mean() * rng.standard_normal(d)).astype(np.float32)
 
 
 def spectra(rng) -> dict[str, np.ndarray]:
     """Test matrices: i.i.d. Gaussian; rank-32 signal plus 1% noise; and a CLIP-like matrix (power-law
     spectrum plus a shared mean token three times the typical entry, the dominant direction that raw
     vision features have)."""
-    q = np.linalg.qr(rng.standard_normal((D, D)))[0]
-    base = rng.standard_normal((N, D)) * np.arange(1, D + 1) ** -0.7 @ q
     return {
         "gaussian": rng.standard_normal((N, D)),
         "lowrank32+noise": rng.standard_normal((N, 32)) @ rng.standard_normal((32, D))
         + 0.06 * rng.standard_normal((N, D)),
-        "clip-like": base + 3 * np.abs(base).mean() * rng.standard_normal(D),
+        "clip-like": spectra_like_clip(rng, N, D),
     }
 
 
@@ -72,13 +88,49 @@ def timings(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
     return {name: (float(np.median(t)), min(t)) for name, t in ts.items()}
 
 
+def selector(text: str, k: int):
+    """One image's selection (indices) by a method spec at budget k; an adaptive spec: its chosen budget."""
+    spec = parse(text, sp.METHODS)
+    if spec.adaptive is not None:
+        return lambda x, attn: sp.adaptive_budget(x, spec.adaptive, sp.budget_buckets(k), **dict(spec.rule()))
+    return lambda x, attn: sp.prune(x, k, spec.method, key=jax.random.key(0), cls_attention=attn,
+                                    **dict(spec.prune_options(k)))[1]
+
+
+def selector_times(reps: int) -> None:
+    """Time per image of every selector at each geometry, printed side by side."""
+    rng = np.random.default_rng(1)
+    fns, compile_ms = {}, {}
+    for n, d, k in GEOMETRIES:
+        x = jax.device_put(spectra_like_clip(rng, n, d))
+        attn = jax.device_put(rng.dirichlet(np.ones(n)).astype(np.float32))
+        for text in SELECTORS:
+            t = time.perf_counter()
+            compiled = jax.jit(selector(text, k)).lower(x, attn).compile()
+            compile_ms[text, n] = 1e3 * (time.perf_counter() - t)
+            fns[text, n] = lambda c=compiled, x=x, attn=attn: jax.block_until_ready(c(x, attn))
+    ms = timings(fns, reps)
+    print(f"\nselector time per image: median (best) ms of {reps} runs after warm-up; compile ms apart")
+    heads = [f"N={n} D={d} k={k}" for n, d, k in GEOMETRIES]
+    print(f"{'selector':28s}" + "".join(f"{h:>28s}" for h in heads))
+    print(f"{'':28s}" + f"{'compile':>9s}{'median (best)':>19s}" * len(GEOMETRIES))
+    for text in SELECTORS:
+        cells = [f"{compile_ms[text, n]:9.0f}{ms[text, n][0]:11.2f} ({ms[text, n][1]:5.2f})" for n, _, _ in GEOMETRIES]
+        print(f"{text + (' (choose k)' if 'adaptive' in text else ''):28s}" + "".join(cells))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--part", choices=("solvers", "selectors", "all"), default="all")
     args = p.parse_args()
     torch.set_num_threads(args.torch_threads)
+    if args.part != "solvers":
+        selector_times(args.reps)
+    if args.part == "selectors":
+        return
     rng = np.random.default_rng(0)
     inputs = {1: rng.standard_normal((N, D)).astype(np.float32), B: rng.standard_normal((B, N, D)).astype(np.float32)}
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({args.torch_threads} threads), "

@@ -81,14 +81,22 @@ LLAVA_15_13B = LlavaConfig(vision=CLIP_VIT_L_14_336, text=_vicuna(5120, 13824, 4
 
 
 GIVEN = "given"  # Pruning method: the top k of per-token scores the caller hands in (not a svdprune_jax method)
+# Which N x D matrix pruning scores: the tower's selected-layer output (the paper's choice) or the projector's output.
+MATRICES = ("tower", "projector")
 
 
 @dataclasses.dataclass(frozen=True)
 class Pruning:
-    """Static pruning choice: `svdprune_jax.prune(features, k, method, **dict(options))`, which checks it."""
+    """Static pruning choice: `svdprune_jax.prune(features, k, method, **dict(options))`, which checks it, on the
+    `matrix` features (`MATRICES`)."""
     method: str
     k: int
     options: tuple[tuple[str, Any], ...] = ()  # static options only (no arrays): hashed into the jit cache
+    matrix: str = "tower"
+
+    def __post_init__(self):
+        if self.matrix not in MATRICES:
+            raise ValueError(f"pruning matrix {self.matrix!r} is not one of {MATRICES}")
 
 
 class LlavaMultiModalProjector(nnx.Module):
@@ -124,12 +132,22 @@ class Llava(nnx.Module):
         cls_attn = None if probs is None else probs[:, :, 0, first:].mean(axis=1)
         return feats[:, first:], cls_attn
 
+    def scored_features(self, pixel_values: Float[Array, "B C H W"], matrix: str = "tower", *,
+                        cls_attention: bool = False):
+        """The (B, N, Dm) matrix pruning scores (`MATRICES`; `image_features` or its projection), and the
+        CLS attention as `image_features` gives it."""
+        feats, cls_attn = self.image_features(pixel_values, cls_attention=cls_attention)
+        return (self.multi_modal_projector(feats) if matrix == "projector" else feats), cls_attn
+
     def encode_images(self, pixel_values: Float[Array, "B C H W"], pruning: Pruning | None = None,
                       key: jax.Array | None = None, scores: Float[Array, "B N"] | None = None):
         """Projected image embeddings (B, k, D) and kept token indices (B, k) into the N features (None unpruned).
-        Method GIVEN keeps the k highest of the caller's per-token `scores` (an oracle's, in evaluations)."""
+        Method GIVEN keeps the k highest of the caller's per-token `scores` (an oracle's, in evaluations).
+        With `pruning.matrix` "projector" all N tokens are projected and scored, and the kept rows are the
+        projector's outputs: the projector acts per token, so this is what projecting the kept tokens gives."""
         needs_attn = pruning is not None and pruning.method in svdprune_jax.NEEDS_CLS_ATTENTION
-        feats, cls_attn = self.image_features(pixel_values, cls_attention=needs_attn)
+        matrix = "tower" if pruning is None else pruning.matrix
+        feats, cls_attn = self.scored_features(pixel_values, matrix, cls_attention=needs_attn)
         kept = None
         if pruning is not None and pruning.method == GIVEN:
             kept = svdprune_jax.select_tokens(scores, pruning.k)
@@ -137,7 +155,7 @@ class Llava(nnx.Module):
         elif pruning is not None:
             feats, kept = svdprune_jax.prune(feats, pruning.k, pruning.method, key=key, cls_attention=cls_attn,
                                              **dict(pruning.options))
-        return self.multi_modal_projector(feats), kept
+        return (feats if matrix == "projector" else self.multi_modal_projector(feats)), kept
 
     def embed(self, input_ids: Int[Array, "B T"], image_embeds: Float[Array, "B n D"]) -> Float[Array, "B T D"]:
         """Token embeddings with the i-th image token of each row replaced by its i-th image embedding
@@ -210,3 +228,19 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, pixel_values, input_ids, a
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("pruning", "fastv"))
 def _forward(graphdef, state, pixel_values, input_ids, attention_mask, key, *, pruning, fastv):
     return nnx.merge(graphdef, state)(pixel_values, input_ids, attention_mask, pruning=pruning, fastv=fastv, key=key)
+
+
+def adaptive_keep(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array, "B C H W"], target: float,
+                  buckets: tuple[int, ...], *, matrix: str = "tower", rule: tuple[tuple[str, Any], ...] = ()
+                  ) -> Int[Array, "B"]:
+    """Image tokens to keep per image: `svdprune_jax.adaptive_budget` (leverage rank rule `rule`: rank or
+    energy, center, solver) on the `matrix` features, jitted on a split model."""
+    if matrix not in MATRICES:
+        raise ValueError(f"pruning matrix {matrix!r} is not one of {MATRICES}")
+    return _adaptive_keep(graphdef, state, pixel_values, target=target, buckets=buckets, matrix=matrix, rule=rule)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("target", "buckets", "matrix", "rule"))
+def _adaptive_keep(graphdef, state, pixel_values, *, target, buckets, matrix, rule):
+    feats, _ = nnx.merge(graphdef, state).scored_features(pixel_values, matrix)
+    return svdprune_jax.adaptive_budget(feats, target, buckets, **dict(rule))

@@ -76,22 +76,48 @@ def visionzip_split(k: int) -> tuple[int, int]:
     return k - contextual, contextual
 
 
+def _rest(chosen: Int[Array, "k"], n: int) -> Int[Array, "n-k"]:
+    """The n - k indices not in `chosen` (distinct), in original order: a static shape."""
+    return jnp.argsort(jnp.zeros(n, bool).at[chosen].set(True), stable=True)[: n - chosen.shape[0]]
+
+
+def _group_sums(x, metric, targets, others):
+    """Every token of `others` joins its most cosine-similar (in `metric`) token of `targets`: the float32 sum
+    of each target's group (t, D) and the group sizes (t,)."""
+    m = _unit(metric.astype(jnp.float32))
+    assign = jax.nn.one_hot(jnp.argmax(_mm(m[others], m[targets].T), axis=-1), targets.shape[0])
+    return _mm(assign.T, x.astype(jnp.float32)[others]), assign.sum(0)
+
+
 def _visionzip(x, attention, metric, *, dominant: int, contextual: int):
     n = x.shape[0]
     dom = _select(attention, dominant)
     if contextual == 0:
         return x[dom], dom
     # The rest in original order; `contextual` targets spread uniformly over them (static positions).
-    rest = jnp.argsort(jnp.zeros(n, bool).at[dom].set(True), stable=True)[: n - dominant]
+    rest = _rest(dom, n)
     step = max(1, (n - dominant) // contextual)
     target_pos = np.arange(0, n - dominant, step)[:contextual]
     targets, others = rest[target_pos], rest[np.setdiff1d(np.arange(n - dominant), target_pos)]
-    m = _unit(metric.astype(jnp.float32))
-    assign = jax.nn.one_hot(jnp.argmax(_mm(m[others], m[targets].T), axis=-1), contextual)  # most similar target
-    xf = x.astype(jnp.float32)
-    merged = _mm(assign.T, xf[others]) / jnp.maximum(assign.sum(0), 1.0)[:, None]
-    kept = jnp.concatenate([xf[dom], xf[targets] + merged]).astype(x.dtype)  # target + mean of its group
+    sums, counts = _group_sums(x, metric, targets, others)
+    merged = sums / jnp.maximum(counts, 1.0)[:, None]
+    kept = jnp.concatenate([x[dom].astype(jnp.float32), x[targets] + merged]).astype(x.dtype)  # target + group mean
     return kept, jnp.concatenate([dom, targets])
+
+
+def _merge_dropped(x, kept):
+    n, k = x.shape[0], kept.shape[0]
+    if k == n:
+        return x[kept]
+    sums, counts = _group_sums(x, x, kept, _rest(kept, n))
+    return ((x[kept].astype(jnp.float32) + sums) / (1.0 + counts)[:, None]).astype(x.dtype)
+
+
+def merge_dropped(features: Float[Array, "*b n d"], kept: Int[Array, "*b k"]) -> Float[Array, "*b k d"]:
+    """Merge instead of drop: every token not in `kept` joins its most cosine-similar kept token, and each kept
+    token becomes the mean of itself and the tokens that joined it (token merging in the style of ToMe and
+    VisionZip's contextual tokens, here onto the selector's own choice). `kept`: distinct indices per image."""
+    return jnp.vectorize(_merge_dropped, signature="(n,d),(k)->(k,d)")(features, kept)
 
 
 def visionzip(features: Float[Array, "*b n d"], cls_attention: Float[Array, "*b n"], k: int, contextual: int,

@@ -47,3 +47,10 @@ def rank(r, most: int) -> int:
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= most:
         raise ValueError(f"rank must be an int in [1, min(N, D)={most}]; got {r!r}")
     return int(r)
+
+
+def fraction(value, name: str) -> float:
+    """A share in (0, 1] (an energy fraction, a leverage-mass target)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1]; got {value!r}")
+    return float(value)

@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
@@ -126,11 +125,9 @@ def leverage_options(n: int, d: int, rank, energy, center, solver) -> dict:
     if rank is not None:
         rank = checks.rank(rank, min(n, d))
     else:
-        if isinstance(energy, bool) or not isinstance(energy, (int, float, np.floating)) or not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be a fraction in (0, 1]; got {energy!r}")
+        energy = checks.fraction(energy, "energy")
         if solver == "randomized":
             raise ValueError("energy needs the whole spectrum; the randomized solver only finds a rank")
-        energy = float(energy)
     return dict(rank=rank, energy=energy, center=center, solver=solver)
 
 

@@ -12,7 +12,9 @@ from svdprune_jax.select import _select, gather_tokens
 METHODS = ("svd", "random", "norm", "cls_attention", "divprune", "visionzip", "lrcp")
 NEEDS_CLS_ATTENTION = ("cls_attention", "visionzip")
 NEEDS_KEY = ("random",)
-OPTIONS = dict(svd=("rank", "energy", "center", "solver"), lrcp=("rank", "solver"), visionzip=("contextual", "keys"))
+MERGEABLE = ("svd", "random", "norm", "cls_attention", "divprune", "lrcp")  # selections that can merge the rest
+OPTIONS = dict(svd=("rank", "energy", "center", "solver", "merge"), lrcp=("rank", "solver", "merge"),
+               visionzip=("contextual", "keys"), **{m: ("merge",) for m in ("random", "norm", "cls_attention", "divprune")})
 
 
 def _static_options(method: str, n: int, d: int, k: int, options: dict) -> tuple:
@@ -21,6 +23,9 @@ def _static_options(method: str, n: int, d: int, k: int, options: dict) -> tuple
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"method {method!r} takes no option(s) {unknown}; valid: {allowed}")
+    merge = options.get("merge", False)
+    if not isinstance(merge, bool):
+        raise ValueError(f"merge must be a bool; got {merge!r}")
     if method == "svd":
         rank, energy = options.get("rank"), options.get("energy")
         rank = min(k, n, d) if rank is None and energy is None else rank  # classic rank-k leverage
@@ -36,6 +41,8 @@ def _static_options(method: str, n: int, d: int, k: int, options: dict) -> tuple
         o = dict(contextual=int(c))
     else:
         o = {}
+    if merge:
+        o["merge"] = True
     return tuple(sorted(o.items()))
 
 
@@ -79,6 +86,7 @@ def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, k
 @functools.partial(jax.jit, static_argnames=("k", "method", "options"))
 def _prune(features, key, cls_attention, keys, *, k, method, options):
     o = dict(options)
+    merge = o.pop("merge", False)
     if method == "visionzip":
         return baselines.visionzip(features, cls_attention, k, o["contextual"], keys)
     if method == "divprune":
@@ -92,7 +100,7 @@ def _prune(features, key, cls_attention, keys, *, k, method, options):
             "random": lambda: baselines.random_scores(key, features.shape[:-1]),
         }[method]()
         idx = _select(scores, k)
-    return gather_tokens(features, idx), idx
+    return (baselines.merge_dropped(features, idx) if merge else gather_tokens(features, idx)), idx
 
 
 def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
@@ -112,6 +120,8 @@ def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key:
       "visionzip"      VisionZip dominant + merged contextual tokens (needs cls_attention; options: contextual,
                        default from `visionzip_split(k)`, and keys for the similarity). Returns merged tokens,
                        and indices that are not globally ascending: see `baselines.visionzip`.
+    merge=True (every method but visionzip): merge instead of drop, each dropped token averaged into its most
+    cosine-similar kept token (`baselines.merge_dropped`); the indices are the kept tokens' (the anchors).
     k and method are static; batched input (B, N, D) works directly and the call is vmap-able (`jax.vmap`
     with k/method closed over). key and cls_attention are ignored by methods that do not use them.
     Raises ValueError for bad input (see `validate`).

@@ -102,6 +102,44 @@ def test_visionzip_matches_reference(k, contextual, with_keys):
         np.testing.assert_allclose(kept[b], want_kept, rtol=1e-5, atol=1e-5)
 
 
+def ref_merge(x, kept):
+    """Merge instead of drop, float64: each dropped token joins its most cosine-similar kept token; a kept
+    token becomes the mean of itself and its joiners."""
+    x = np.asarray(x, np.float64)
+    dropped = np.setdiff1d(np.arange(len(x)), kept)
+    to = np.argmax((1 - cosine_distance(x))[np.ix_(dropped, kept)], axis=1)
+    total, count = x[kept].copy(), np.ones(len(kept))
+    for j, t in zip(dropped, to):
+        total[t] += x[j]
+        count[t] += 1
+    return total / count[:, None], count
+
+
+@pytest.mark.parametrize("method", ["svd", "norm", "divprune", "random"])
+def test_merge_instead_of_drop_matches_reference(method):
+    x, attn = data(4)
+    kept, idx = sp.prune(x, 9, method, merge=True, key=jax.random.key(1))
+    np.testing.assert_array_equal(idx, sp.prune(x, 9, method, key=jax.random.key(1))[1])  # same selection
+    for b in range(2):
+        want, count = ref_merge(x[b], np.asarray(idx[b]))
+        np.testing.assert_allclose(kept[b], want, rtol=1e-5, atol=1e-5)
+        # every token counted once: group means times group sizes add up to the sum of all tokens
+        np.testing.assert_allclose((np.asarray(kept[b], np.float64) * count[:, None]).sum(0), x[b].sum(0), atol=1e-4)
+
+
+def test_merge_jit_vmap_batched_and_edges():
+    x, _ = data(5, b=3)
+    f = lambda x: sp.prune(x, 6, "svd", merge=True)
+    eager = [f(x[b]) for b in range(3)]
+    for got in (jax.jit(jax.vmap(f))(x), f(x)):
+        for b in range(3):
+            np.testing.assert_allclose(got[0][b], eager[b][0], atol=1e-5)
+            np.testing.assert_array_equal(got[1][b], eager[b][1])
+    np.testing.assert_array_equal(sp.prune(x, N, "norm", merge=True)[0], x)  # nothing dropped, nothing merged
+    kept = sp.prune(jnp.asarray(x, jnp.bfloat16), 6, "norm", merge=True)[0]
+    assert kept.dtype == jnp.bfloat16
+
+
 def test_visionzip_split_follows_the_released_default():
     assert sp.visionzip_split(64) == (54, 10)
     assert [sp.visionzip_split(k) for k in (16, 32, 128, 192)] == [(13, 3), (27, 5), (108, 20), (162, 30)]

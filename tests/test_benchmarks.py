@@ -2,7 +2,7 @@
 one table covering items 1-4 with ours and the reference on every ratio row, and no recompilation."""
 import json
 
-from benchmarks import run
+from benchmarks import run, scoring
 
 
 def test_smoke_writes_one_table(tmp_path):
@@ -15,3 +15,9 @@ def test_smoke_writes_one_table(tmp_path):
     assert next(t for t in data["targets"] if "recompilation" in t["what"])["met"]
     md = (tmp_path / "bench.md").read_text()
     assert md.count("| item | case |") == 1 and "Rooflines" in md
+
+
+def test_scoring_selectors_are_valid_method_specs():
+    """benchmarks.scoring times these specs; a typo would only show when the benchmark runs."""
+    for text in scoring.SELECTORS:
+        scoring.parse(text, scoring.sp.METHODS)

@@ -44,6 +44,16 @@ def test_run_matches_pipeline_answer(model_dir, tmp_path, capsys):
     assert out["token_ids"] == ans.token_ids and out["kept_indices"] == ans.kept_indices
 
 
+def test_run_adaptive_spec(model_dir, tmp_path, capsys):
+    """An adaptive spec answers at the image's own budget: a bucket of the given one, the pipeline's choice."""
+    out = run_json(capsys, "--model", model_dir, "--keep", 12, "--method", "svd:adaptive=0.5:matrix=projector",
+                   "--max-new-tokens", 2, "--out", tmp_path / "k.png")
+    image = Image.open(cli.EXAMPLE_IMAGE)
+    want = Pipeline.load(model_dir).adaptive_keep([image], "svd:adaptive=0.5:matrix=projector", 12)
+    assert out["keep"] == len(out["kept_indices"]) == want[0] and want[0] in (2, 3, 6, 12)
+    assert out["method"] == "svd:adaptive=0.5:matrix=projector"
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_run_refuses_non_rgb(model_dir, tmp_path, mode, capsys):
     Image.new(mode, (80, 80)).save(tmp_path / "x.png")
@@ -55,6 +65,9 @@ def test_run_refuses_non_rgb(model_dir, tmp_path, mode, capsys):
     (["--keep", "0"], "keep 0 outside"),
     (["--keep", "101"], "keep 101 outside"),
     (["--method", "full", "--keep", "5"], "keeps all"),
+    (["--method", "svd:eps=0.9"], "svd takes no option 'eps'"),
+    (["--method", "svd:rank=40"], r"rank must be an int in \[1, min\(N, D\)=32\]; got 40"),  # the tower's width
+    (["--method", "svd:rank=40:matrix=projector"], r"min\(N, D\)=32"),  # the projector's width
 ])
 def test_run_bad_budget(model_dir, argv, message):
     with pytest.raises(SystemExit, match=message):

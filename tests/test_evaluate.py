@@ -14,8 +14,11 @@ from PIL import Image
 from app import eval_synthetic, evaluate
 from app.bundled import SCENES
 from app.eval_harness import read_results, results_path
+from app.methods import parse
+from app.stats import mcnemar_exact
 from app.pipeline import GIVEN, Answer, Pipeline
 from app.synthetic import FAMILIES, make_sample, split_seeds
+from svdprune_jax import budget_buckets
 from tiny_bundled import tiny_model_dir
 
 SCENE = SCENES["tiny"]  # 80 px, patch 8: 100 image tokens
@@ -38,6 +41,8 @@ def test_object_recall_hand_checked():
     mask = np.array([[1, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]], bool)
     kept = np.array([[0, 2, 4], [0, 1, 2], [1, 3, 5]])
     np.testing.assert_array_equal(eval_synthetic.object_recall(kept, mask), [2 / 3, np.nan, 1.0])
+    # adaptive budgets: a different number kept per question
+    np.testing.assert_array_equal(eval_synthetic.object_recall([[0], [0, 1, 2, 3], [1, 5]], mask), [1 / 3, np.nan, 0])
 
 
 def test_oracle_keeps_the_object_first_most_covered_first():
@@ -63,19 +68,34 @@ def test_budget_tokens_bad(spec, message):
         eval_synthetic.budget_tokens(spec, 100)
 
 
+def test_validation_split_for_choosing_hyperparameters():
+    val = eval_synthetic.load_test_set(3, SCENE, "validation")
+    assert val.seeds == split_seeds("validation", 3) and not set(val.seeds) & set(split_seeds("test", 3))
+
+
 # ---- the sweep's bookkeeping, without a model
 
 class FakePipe:
-    """Answers right except on the count family; keeps the first k tokens (oracle: the top k scores)."""
+    """Answers right except on the count family; keeps the first k tokens (oracle: the top k scores). Adaptive
+    specs: the i-th test image keeps budget_buckets(keep)[i % 3]."""
     num_image_tokens = SCENE.num_patches
 
     def __init__(self, test):
         self.gold = {id(im): (a, f) for im, a, f in zip(test.images, test.answers, test.families)}
-        self.batches, self.methods = [], []
+        self.index = {id(im): i for i, im in enumerate(test.images)}
+        self.batches, self.methods, self.keeps = [], [], []
+
+    def budget(self, spec, keep):
+        return keep
+
+    def adaptive_keep(self, images, spec, keep):
+        buckets = budget_buckets(keep)
+        return np.array([buckets[self.index[id(im)] % 3] for im in images])
 
     def answer(self, images, questions, *, method, keep, max_new_tokens, key, scores=None):
         self.batches.append(len(images))
         self.methods.append(method)
+        self.keeps.append(keep)
         k = self.num_image_tokens if keep is None else keep
         order = np.arange(self.num_image_tokens) if scores is None else np.argsort(-scores, axis=1, kind="stable")
         kept = np.broadcast_to(order, (len(images), self.num_image_tokens))[:, :k]
@@ -89,7 +109,9 @@ def test_sweep_bookkeeping():
     pipe = FakePipe(test)
     runs = eval_synthetic.sweep(pipe, test, ["random", "fastv", "oracle"], ["50%", "3"], seeds=3, batch=4)
     assert set(pipe.batches) == {4}  # 11 questions: the last batch filled up to 4
-    assert pipe.methods.count("given") == 6 and "oracle" not in pipe.methods
+    # 3 batches per run, and each compiled shape once more untimed first (random: one shape for its seeds)
+    assert pipe.methods.count("given") == 2 * (3 + 1) and "oracle" not in pipe.methods
+    assert pipe.methods.count("random") == 2 * (3 * 3 + 1)
     rows = eval_synthetic.summarize(runs, test.families)
     assert [(r["method"], r["budget"], r["keep"], r["seeds"]) for r in rows] == [
         ("full", "all", 100, 1), ("random", "50%", 50, 3), ("fastv", "50%", 50, 1), ("oracle", "50%", 50, 1),
@@ -103,39 +125,92 @@ def test_sweep_bookkeeping():
     assert rows[1]["recall"] == pytest.approx(np.mean((test.mask & first).sum(1)[asked] / test.mask.sum(1)[asked]))
     assert rows[2]["recall"] is None and rows[0]["recall"] is None  # no kept patches before the LLM
     assert rows[3]["recall"] == 1.0  # 50 tokens hold every asked object of these scenes
+    assert all(r["mean_keep"] == r["keep"] and r["ms_per_question"] >= 0 for r in rows)
+    assert all(r["ci_low"] <= r["accuracy"] <= r["ci_high"] for r in rows)
 
 
-def test_sweep_refuses_bad_methods():
+def test_adaptive_spec_answers_each_image_at_its_budget():
+    test = eval_synthetic.load_test_set(11, SCENE)
+    pipe = FakePipe(test)
+    runs = eval_synthetic.sweep(pipe, test, ["svd:adaptive=0.9", "norm"], ["50%"], seeds=1, batch=4)
+    assert set(pipe.batches) == {4}
+    # images 0, 3, 6, 9 keep 7 tokens, 1, 4, 7, 10 keep 13, 2, 5, 8 keep 25: 4 + 4 + 3 questions, a batch each
+    timed = [(m, k) for m, k in zip(pipe.methods, pipe.keeps) if m == "svd:center=true:energy=0.9"]
+    assert sorted(timed) == sorted([("svd:center=true:energy=0.9", k) for k in (7, 7, 13, 13, 25, 25)])
+    adaptive = runs[1]
+    assert adaptive.method == "svd:adaptive=0.9" and adaptive.keep == 50
+    np.testing.assert_array_equal(adaptive.tokens, [(7, 13, 25)[i % 3] for i in range(11)])
+    assert [len(k) for k in adaptive.kept] == adaptive.tokens.tolist()  # each answer back at its question
+    np.testing.assert_array_equal(adaptive.correct, test.families != "count")
+    rows = eval_synthetic.summarize(runs, test.families)
+    assert rows[1]["mean_keep"] == pytest.approx(np.mean([(7, 13, 25)[i % 3] for i in range(11)]))
+    assert rows[1]["adaptive"] == 0.9 and rows[2]["adaptive"] is None
+
+
+def test_mcnemar_against_the_best_other_method():
+    """svd specs are tested against the most accurate non-svd, non-oracle row at each budget (random: seed 0)."""
+    n = 40
+    rng = np.random.default_rng(0)
+    answers = {m: rng.random(n) < p for m, p in [("svd", 0.6), ("svd:energy=0.9", 0.5), ("norm", 0.4),
+                                                 ("random", 0.7), ("oracle", 0.95)]}
+    runs = [eval_synthetic.Run(parse(m, eval_synthetic.METHODS + ("full",)), "5", 5, seed, answers[m] if seed == 0
+                               else ~answers[m], np.full(n, 5), None, None, 0.0)
+            for m in answers for seed in range(2 if m == "random" else 1)]
+    rows = eval_synthetic.summarize(runs, np.array(["colour"] * n))
+    by = {r["method"]: r for r in rows}
+    best = max(("norm", "random"), key=lambda m: by[m]["accuracy"])
+    for m in ("svd", "svd:energy=0.9"):
+        assert by[m]["mcnemar_vs"] == best
+        assert by[m]["mcnemar_p"] == mcnemar_exact(answers[m], answers[best])
+    assert by["norm"]["mcnemar_p"] is None and by["oracle"]["mcnemar_vs"] is None
+    assert "svd vs" in eval_synthetic.mcnemar_lines(rows)
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:rank=k"], "are the same; give each once"),
+    (["full"], "unknown method 'full'"), (["svd:eps=2"], "svd takes no option 'eps'"),
+    (["oracle:rank=2"], "oracle takes no option 'rank'")])
+def test_sweep_refuses_bad_methods(methods, message):
     test = eval_synthetic.load_test_set(2, SCENE)
-    for methods in (["svd", "nope"], ["svd", "svd"], ["full"]):
-        with pytest.raises(ValueError, match="each once"):
-            eval_synthetic.sweep(FakePipe(test), test, methods, ["50%"])
+    with pytest.raises(ValueError, match=message):
+        eval_synthetic.sweep(FakePipe(test), test, methods, ["50%"])
 
 
 # ---- synthetic end to end on the tiny random model
 
 def test_eval_synthetic_end_to_end(model_dir, tmp_path, capsys):
-    out = tmp_path / "syn"
-    evaluate.main(["synthetic", "--model", str(model_dir), "--n", "6", "--methods", "svd,oracle",
-                   "--budgets", "50%", "16/576", "--seeds", "2", "--out", str(out), *RUN])
+    """An adaptive spec on the projector's output, the oracle and random (2 seeds) at 3 of 100 tokens: tables,
+    intervals, the paired test, CSV/JSON, the Pareto plot and the kept-token grid."""
+    out, adaptive = tmp_path / "syn", "svd:adaptive=0.9:matrix=projector"
+    evaluate.main(["synthetic", "--model", str(model_dir), "--n", "6", "--methods", f"{adaptive},oracle,random",
+                   "--budgets", "16/576", "--seeds", "2", "--resamples", "200", "--out", str(out), *RUN])
     printed = capsys.readouterr().out
-    assert "accuracy %" in printed and "object recall" in printed and "16/576 (3)" in printed
+    assert "accuracy % [95% CI]" in printed and "object recall" in printed and "16/576 (3)" in printed
+    assert f"{adaptive} vs random: p = " in printed and "ms per question" in printed
     rows = read_csv(out / "synthetic.csv")
-    assert [(r["method"], r["budget"], r["keep"]) for r in rows] == [
-        ("full", "all", "100"), ("svd", "50%", "50"), ("oracle", "50%", "50"), ("svd", "16/576", "3"),
-        ("oracle", "16/576", "3")]
-    assert {f"accuracy_{f}" for f in FAMILIES} <= set(rows[0])
+    assert [(r["method"], r["budget"], r["keep"], r["seeds"]) for r in rows] == [
+        ("full", "all", "100", "1"), (adaptive, "16/576", "3", "1"), ("oracle", "16/576", "3", "1"),
+        ("random", "16/576", "3", "2")]
+    assert {f"accuracy_{f}" for f in FAMILIES} | {f"accuracy_{f}_ci_low" for f in FAMILIES} <= set(rows[0])
+    for r in rows:
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        assert float(r["ms_per_question"]) > 0
+    by = {r["method"]: r for r in rows}
+    assert 1 <= float(by[adaptive]["mean_keep"]) <= 3 and by[adaptive]["adaptive"] == "0.9"
+    assert by[adaptive]["mcnemar_vs"] == "random" and 0 < float(by[adaptive]["mcnemar_p"]) <= 1
+    assert by["random"]["mcnemar_p"] == "" and float(by["oracle"]["mean_keep"]) == 3
     masks = [make_sample(seed, SCENE).mask.ravel() for seed in split_seeds("test", 6)]
     sizes = np.array([m.sum() for m in masks if m.any()])
-    recall = {(r["method"], r["keep"]): r["recall"] for r in rows}
-    assert recall[("full", "100")] == ""
-    assert float(recall[("oracle", "50")]) == 1.0  # the budget exceeds every mask
-    assert float(recall[("oracle", "3")]) == pytest.approx(np.mean(np.minimum(1, 3 / sizes)))
-    assert 0 <= float(recall[("svd", "3")]) <= 1
+    assert by["full"]["recall"] == ""
+    assert float(by["oracle"]["recall"]) == pytest.approx(np.mean(np.minimum(1, 3 / sizes)))
+    assert 0 <= float(by[adaptive]["recall"]) <= 1
     doc = json.loads((out / "synthetic.json").read_text())
-    assert doc["n"] == 6 and doc["image_tokens"] == 100 and doc["budgets"] == {"50%": 50, "16/576": 3}
-    assert len(doc["runs"]) == len(rows) and doc["rows"][1]["method"] == "svd"
+    assert doc["n"] == 6 and doc["image_tokens"] == 100 and doc["budgets"] == {"16/576": 3}
+    assert doc["bootstrap"]["resamples"] == 200 and doc["adaptive_buckets"] == {"16/576": [1, 2, 3]}
+    assert len(doc["runs"]) == 5 and doc["rows"][1]["method"] == adaptive
     assert Image.open(out / "synthetic.png").size[0] > 100
+    grid = Image.open(out / "kept_tokens.png")  # a row per selector (random: seed 0), a 160 px panel per image
+    assert grid.format == "PNG" and grid.size[1] == 20 + 3 * 160 and 4 * 160 < grid.size[0] < 4 * 160 + 400
 
 
 def test_given_scores_select_the_kept_tokens(model_dir):
@@ -152,6 +227,18 @@ def test_given_scores_select_the_kept_tokens(model_dir):
         pipe.answer(images, questions, method=GIVEN, keep=50)
     with pytest.raises(ValueError, match=r"scores must be finite, of shape \(B, N\) = \(4, 100\)"):
         pipe.answer(images, questions, method=GIVEN, keep=50, scores=scores[:, :99])
+
+
+def test_pipeline_adaptive_specs(model_dir):
+    """answer() takes one budget per call: adaptive specs go through adaptive_keep, and only they do."""
+    pipe = Pipeline.load(model_dir)
+    image = Image.fromarray(make_sample(split_seeds("test", 1)[0], SCENE).image)
+    with pytest.raises(ValueError, match="chooses a budget per image: get them with adaptive_keep"):
+        pipe.answer([image], ["q"], method="svd:adaptive=0.9", keep=10)
+    with pytest.raises(ValueError, match="method spec 'svd' is not adaptive"):
+        pipe.adaptive_keep([image], "svd", 10)
+    with pytest.raises(ValueError, match="unknown method 'oracle'"):
+        pipe.answer([image], ["q"], method="oracle", keep=10)
 
 
 # ---- GQA / TextVQA end to end on fixtures in the official formats

@@ -12,7 +12,9 @@ from transformers import LlavaConfig as HFLlavaConfig
 
 import svdprune_jax
 from hf_reference import from_hf, hf_positions, pixels, prompts, tiny
-from models.llava import LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning, forward
+from models.llava import LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning, adaptive_keep, forward
+from test_adaptive import ref_adaptive
+from test_leverage import ref_leverage
 
 # tiny_hf's default is GQA (4 heads, 2 kv), layer -2, "default", theta 1e4, untied; each other variant flips
 # two of these (every compile costs seconds on CI's CPU), so every setting is covered once.
@@ -89,6 +91,33 @@ def test_pruned_forward_matches_transformers_inputs_embeds(method, base):
     want = _hf_logits(hf, None, ids, mask, inputs_embeds=embeds)
     ok = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[ok], want[ok], atol=1e-4)
+
+
+def test_projector_matrix_scores_the_projector_outputs(base):
+    """matrix="projector": kept tokens = top-k float64 leverage of HF's projector outputs (float64 model), and
+    the embeddings are those outputs' kept rows. The adaptive budget on the same matrix matches too."""
+    hf, model, graphdef, state = base
+    px, k, rank = pixels(model.config, 3, seed=5), 5, 3
+    with torch.no_grad():
+        hf64 = copy.deepcopy(hf).double()
+        feats = hf64.model.vision_tower(torch.as_tensor(px, dtype=torch.float64),
+                                        output_hidden_states=True).hidden_states[-2][:, 1:]
+        proj = hf64.model.multi_modal_projector(feats).numpy()
+    lev = np.stack([ref_leverage(p, rank) for p in proj])
+    order = np.argsort(-lev, axis=1)
+    gap = np.take_along_axis(lev, order[:, k - 1:k], 1) - np.take_along_axis(lev, order[:, k:k + 1], 1)
+    assert gap.min() > 1e-4  # no near-tie at the cut: float32 must find the same set
+    embeds, kept = model.encode_images(jnp.asarray(px), Pruning("svd", k, (("rank", rank),), "projector"))
+    np.testing.assert_array_equal(kept, np.sort(order[:, :k], axis=1))
+    np.testing.assert_allclose(embeds, np.take_along_axis(proj, np.asarray(kept)[..., None], 1), atol=1e-5)
+    _, kept_tower = model.encode_images(jnp.asarray(px), Pruning("svd", k, (("rank", rank),)))
+    assert not np.array_equal(kept, kept_tower)  # the choice of matrix matters on these features
+    buckets = (2, 4, 8, 16)
+    got = adaptive_keep(graphdef, state, px, 0.6, buckets, matrix="projector", rule=(("energy", 0.9), ("center", True)))
+    want = [ref_adaptive(p, 0.6, buckets, energy=0.9, center=True) for p in proj]
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="pruning matrix 'decoder' is not one of"):
+        Pruning("svd", k, (), "decoder")
 
 
 def test_bfloat16_as_close_to_float32_as_transformers_bfloat16(base):

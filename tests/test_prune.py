@@ -111,6 +111,8 @@ def bad(**overrides):
     (dict(energy=0.0), r"energy must be a fraction in \(0, 1\]"),
     (dict(rank=2, energy=0.5), "exactly one of rank and energy"),
     (dict(solver="lu"), "unknown solver 'lu'"),
+    (dict(merge=1), "merge must be a bool; got 1"),
+    (dict(method="visionzip", cls_attention=np.ones((2, 48), np.float32), merge=True), "takes no option"),
     (dict(method="norm", rank=3), r"method 'norm' takes no option\(s\) \['rank'\]"),
     (dict(method="random"), "needs an explicit PRNG key"),
     (dict(method="random", key=np.zeros(3, np.uint32)), "key must be one PRNG key"),
