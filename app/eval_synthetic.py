@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Bool, Float, Int
 from PIL import Image
 from tqdm import tqdm
@@ -31,6 +32,7 @@ from app.pictures import accuracy_plot
 from app.pipeline import GIVEN, Pipeline
 from app.scene import SceneConfig
 from app.synthetic import FAMILIES, make_sample, split_seeds
+from models import sharding
 from models.clip import CLIPVisionConfig
 
 ORACLE = "oracle"
@@ -236,17 +238,24 @@ def write_outputs(rows: Sequence[dict], runs: Sequence[Run], out: Path, meta: di
 
 
 def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = METHODS,
-        budgets: Sequence[str] = BUDGETS, seeds: int = 3, batch: int = 50, max_new_tokens: int = 3) -> list[dict]:
-    """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows."""
+        budgets: Sequence[str] = BUDGETS, seeds: int = 3, batch: int = 50, max_new_tokens: int = 3,
+        mesh: Mesh | None = None) -> list[dict]:
+    """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows.
+    mesh: run sharded (batches split over its data axis, across processes when it spans several: each answers its
+    own rows, the answers are gathered, process 0 alone prints and writes)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    pipe = Pipeline.load(model_dir)
+    if mesh is not None:
+        sharding.check_batch(min(batch, n), mesh)
+    pipe = Pipeline.load(model_dir, mesh=mesh)
     keeps = check(methods, budgets, pipe.num_image_tokens)  # before the test images are drawn
     test = load_test_set(n, scene_config(pipe.config.vision))
     runs = sweep(pipe, test, methods, budgets, seeds=seeds, batch=batch, max_new_tokens=max_new_tokens)
     rows = summarize(runs, test.families)
     meta = dict(model=str(model_dir), n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
                 budgets=keeps, random_seeds=seeds)
+    if jax.process_index() != 0:
+        return rows
     write_outputs(rows, runs, out, meta)
     print(format_table(rows), format_table(rows, "recall", "object recall"), family_table(rows, budgets[-1]),
           f"wrote {out}/synthetic.csv, synthetic.json, synthetic.png", sep="\n\n")

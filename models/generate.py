@@ -185,7 +185,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     mask = np.pad(mask, ((0, 0), (pad, 0)))
     run = _timed_generate if timed else _generate
     eos = -1 if eos_token_id is None else eos_token_id
-    scores = None if scores is None else np.asarray(scores, np.float32)
+    scores = None if scores is None else jnp.asarray(scores, jnp.float32)
     pixel_values, ids, mask, scores = sharding.put_batch(mesh, pixel_values, ids, mask, scores)
     with sharding.use(mesh):
         out = run(graphdef, state, pixel_values, ids, mask, key, scores, jnp.float32(temperature), jnp.float32(top_p),
