@@ -128,18 +128,22 @@ def test_hf_checkpoint_loads_into_shards(model_dirs, reference):
 
 _COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
 _GROUPS = re.compile(r"replica_groups=(\{[{}0-9,]*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?"
-                     r"|mesh\[[^\]]*\] \{[^}]*\})")
+                     r"|mesh\[[^\]]*\](?:, device_ids=\([^)]*\)\))? \{[^}]*\})")
 
 
 def replica_groups(text: str) -> list[list[int]]:
-    """Explicit device groups from the three spellings in compiled HLO: {{0,1},{2,3}}, iota [G,S]<=[dims]T(perm),
-    and Shardy's mesh['axis_0'=4,'axis_1'=2] {'axis_0'}."""
+    """Explicit device groups from the spellings in compiled HLO: {{0,1},{2,3}}, iota [G,S]<=[dims]T(perm),
+    and Shardy's mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, optionally with device_ids=([dims]T(perm))."""
     if text.startswith("{"):
         return [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([0-9,]*)\}", text[1:-1])]
     if text.startswith("mesh"):
         sizes = [(name, int(n)) for name, n in re.findall(r"'(\w+)'=(\d+)", text)]
         over = re.findall(r"'(\w+)'", text.split("{")[1])
-        ids = np.arange(np.prod([n for _, n in sizes])).reshape([n for _, n in sizes])
+        ids = np.arange(np.prod([n for _, n in sizes]))
+        if m := re.search(r"device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\)", text):
+            order = ids.reshape([int(d) for d in m[1].split(",")])
+            ids = (order.transpose([int(p) for p in m[2].split(",")]) if m[2] else order).ravel()
+        ids = ids.reshape([n for _, n in sizes])
         axes = [i for i, (name, _) in enumerate(sizes) if name in over]
         rest = [i for i in range(len(sizes)) if i not in axes]
         return ids.transpose(rest + axes).reshape(-1, np.prod([sizes[i][1] for i in axes])).tolist()
@@ -189,6 +193,9 @@ def test_replica_group_spellings():
     assert replica_groups("[4,2]<=[8]") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert replica_groups("[2,4]<=[4,2]T(1,0)") == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert replica_groups("mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_0'}") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # mesh position i holds device [0,2,4,6,1,3,5,7][i]
+    assert replica_groups("mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_0'}") == \
+        [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_bad_mesh_model_axis_and_batch(model_dirs, tmp_path):
