@@ -8,6 +8,8 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLE_IMAGE = ASSETS / "example.png"
 PAPER_FRACTION = 64 / 576  # the paper's 64-of-576 budget, as a share of any model's image tokens
+MESH_HELP = ("run sharded on a device mesh: data=D,model=M with D*M = every device of every process; the batch "
+             "splits over data, heads and MLP over model (default: one device)")
 
 
 def run(args):
@@ -15,6 +17,7 @@ def run(args):
     from app.methods import parse
     from app.pictures import kept_overlay
     from app.pipeline import METHODS, Pipeline, read_image
+    from models import sharding
 
     example = json.loads((ASSETS / "example.json").read_text())
     model_dir = args.model or MODEL_DIR
@@ -25,7 +28,7 @@ def run(args):
     question = args.prompt or example["question"]
     image = read_image(args.image or EXAMPLE_IMAGE)
     t = time.perf_counter()
-    pipe = Pipeline.load(model_dir)
+    pipe = Pipeline.load(model_dir, mesh=sharding.mesh_option(args.mesh))
     load_s = time.perf_counter() - t
     keep = args.keep
     if keep is None and spec.method != "full":
@@ -74,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
     from app.pipeline import METHODS
 
     p = argparse.ArgumentParser(prog="svdprune-jax", description="SVD-Prune vision-token pruning for LLaVA in JAX")
+    d = p.add_argument_group("multi-host (before the command; every process runs the same command line)")
+    d.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() with the cluster auto-detected (Cloud TPU, SLURM, Open MPI)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="or explicitly: process 0's address")
+    d.add_argument("--num-processes", type=int)
+    d.add_argument("--process-id", type=int)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="answer a question about an image with pruned inference (default: bundled model)")
@@ -86,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=16)
     r.add_argument("--out", type=Path, help="PNG of the kept tokens (default: kept_tokens_METHOD_K.png)")
     r.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    r.add_argument("--mesh", help=MESH_HELP)
     r.set_defaults(fn=run)
 
     c = sub.add_parser("convert", help="HF LLaVA directory -> our Orbax checkpoint")
@@ -109,9 +119,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def initialize_distributed(args):
+    """Join a multi-process run before anything touches a device: afterwards jax.devices() lists every
+    process's devices and a --mesh spans them all."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if args.distributed or explicit[0] is not None:
+        import jax
+        jax.distributed.initialize(*explicit)
+
+
 def main(argv: list[str] | None = None):
     args = parser().parse_args(argv)
     try:
+        initialize_distributed(args)
         args.fn(args)
     except ValueError as e:  # bad input: one clear line, no traceback
         sys.exit(f"svdprune-jax {args.command}: error: {e}")

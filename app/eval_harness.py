@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -77,15 +78,19 @@ def _drop_incomplete_tail(path: Path) -> None:
 
 
 def run(dataset: Dataset, predict: Predict, method: str, budget: int | None, out_dir: Path, *,
-        batch_size: int = 1, progress: bool = True) -> None:
-    """Answers every sample of `dataset` not yet in this run's JSONL, appending and flushing one line per answer."""
+        batch_size: int = 1, progress: bool = True, write: bool = True) -> None:
+    """Answers every sample of `dataset` not yet in this run's JSONL, appending and flushing one line per answer.
+    write False (every process but the first of a multi-host run, `out_dir` shared): the same batches, in step
+    with the process that writes, nothing written."""
     path = results_path(out_dir, method, budget)
     done = read_results(path)
     pending = [s for s in dataset.samples if s.qid not in done]
-    _drop_incomplete_tail(path)
+    if write:
+        _drop_incomplete_tail(path)
     score = SCORES[dataset.name]
     desc = f"{dataset.name} {method}" + ("" if budget is None else f" k={budget}")
-    with open(path, "a") as f, tqdm(total=len(dataset.samples), initial=len(dataset.samples) - len(pending),
+    sink = path if write else os.devnull
+    with open(sink, "a") as f, tqdm(total=len(dataset.samples), initial=len(dataset.samples) - len(pending),
                                     unit="sample", desc=desc, disable=not progress) as bar:
         for i in range(0, len(pending), batch_size):
             batch = pending[i:i + batch_size]
@@ -146,9 +151,9 @@ def _check_runs(runs: Sequence[tuple[str, int]]) -> None:
 
 
 def evaluate(dataset: Dataset, predict: Predict, runs: Sequence[tuple[str, int]], out_dir: Path, *,
-             batch_size: int = 1, progress: bool = True) -> list[Row]:
+             batch_size: int = 1, progress: bool = True, write: bool = True) -> list[Row]:
     """Runs the unpruned baseline and every (method, budget), resuming from out_dir; prints the summary table and
-    writes it to out_dir/summary.csv."""
+    writes it to out_dir/summary.csv. write False: see `run`; no summary, returns []."""
     _check_runs(runs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -158,7 +163,9 @@ def evaluate(dataset: Dataset, predict: Predict, runs: Sequence[tuple[str, int]]
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [BASELINE, *runs]
     for method, budget in runs:
-        run(dataset, predict, method, budget, out_dir, batch_size=batch_size, progress=progress)
+        run(dataset, predict, method, budget, out_dir, batch_size=batch_size, progress=progress, write=write)
+    if not write:
+        return []
     rows = summarize(dataset, runs, out_dir)
     write_csv(rows, out_dir / "summary.csv")
     print(format_table(rows))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Bool, Float, Int
 from PIL import Image
 from tqdm import tqdm
@@ -47,6 +48,7 @@ from app.pipeline import GIVEN, Pipeline
 from app.scene import SceneConfig
 from app.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
 from app.synthetic import FAMILIES, make_sample, split_seeds
+from models import sharding
 from models.clip import CLIPVisionConfig
 
 ORACLE = "oracle"
@@ -357,11 +359,15 @@ def write_outputs(rows: Sequence[dict], runs: Sequence[Run], test: TestSet, out:
 
 def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = METHODS,
         budgets: Sequence[str] = BUDGETS, seeds: int = SEEDS, batch: int = 50, max_new_tokens: int = 3,
-        resamples: int = RESAMPLES, split: str = "test") -> list[dict]:
-    """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows."""
+        resamples: int = RESAMPLES, split: str = "test", mesh: Mesh | None = None) -> list[dict]:
+    """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows.
+    mesh: run sharded (batches split over its data axis, across processes when it spans several: each answers its
+    own rows, the answers are gathered, process 0 alone prints and writes)."""
     if n < 1 or resamples < 1:
         raise ValueError(f"n {n} and resamples {resamples} must be >= 1")
-    pipe = Pipeline.load(model_dir)
+    if mesh is not None:
+        sharding.check_batch(min(batch, n), mesh)
+    pipe = Pipeline.load(model_dir, mesh=mesh)
     _, keeps = check(pipe, methods, budgets)  # before the test images are drawn
     vision = pipe.config.vision
     test = load_test_set(n, scene_config(vision), split)
@@ -370,6 +376,8 @@ def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = ME
     meta = dict(model=str(model_dir), split=split, n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
                 budgets=keeps, random_seeds=seeds, bootstrap=dict(resamples=resamples, level=0.95, seed=0),
                 adaptive_buckets={b: list(svdprune_jax.budget_buckets(k)) for b, k in keeps.items()})
+    if jax.process_index() != 0:
+        return rows
     write_outputs(rows, runs, test, out, meta, vision.image_size, vision.patch_size)
     print(format_table(rows), format_table(rows, "recall", "object recall"),
           format_table(rows, title="mean kept tokens, ms per question", cell=cost_cell),

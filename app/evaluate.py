@@ -10,6 +10,10 @@ Images that are not RGB (real datasets hold a few, e.g. grayscale JPEGs) are con
 evaluation converts every image, with a warning naming the file (once per run); `--no-convert-rgb` refuses them.
 Mean time per sample excludes compilation: every run that still has questions to answer is compiled on one
 batch before the harness starts its clock.
+
+`--mesh data=D,model=M` runs sharded; on several processes (`svdprune-jax --distributed eval ...` on each) the
+data axis spans them, so every batch is split across processes, each answering its own rows; the answers are
+gathered and only process 0 writes (--out must be one directory all processes see).
 """
 import argparse
 import sys
@@ -25,6 +29,7 @@ from app.methods import parse_list
 from app.pictures import accuracy_plot
 from app.pipeline import METHODS, Pipeline, read_image
 from app.stats import RESAMPLES
+from models import sharding
 
 BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
 VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
@@ -68,6 +73,7 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--convert-rgb", action=argparse.BooleanOptionalAction, default=True,
                    help="convert non-RGB images with a warning (default), or refuse them")
+    p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     args = p.parse_args(argv)
     specs = parse_list(args.methods, VQA_METHODS)
     adaptive = [s.text for s in specs if s.adaptive is not None]
@@ -80,10 +86,13 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
         raise ValueError(f"--keep takes token counts, got {args.keep}") from None
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError(f"--batch {args.batch} and --limit {args.limit} must be >= 1")
+    mesh = sharding.mesh_option(args.mesh)
+    if mesh is not None:
+        sharding.check_batch(args.batch, mesh)
     dataset = vqa_data.load(name, args.data, strict=args.strict)
     if args.limit is not None:
         dataset = vqa_data.Dataset(name, dataset.samples[:args.limit], dataset.skipped)
-    pipe = Pipeline.load(args.model)
+    pipe = Pipeline.load(args.model, mesh=mesh)
     for method in methods:
         for k in keeps:
             pipe.budget(method, k)  # bad budgets fail before any work
@@ -92,7 +101,10 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     predict = vqa_predict(pipe, batch=args.batch, max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb)
     out.mkdir(parents=True, exist_ok=True)
     warm_up(dataset, predict, runs, out, args.batch)
-    rows = eval_harness.evaluate(dataset, predict, runs, out, batch_size=args.batch)
+    write = jax.process_index() == 0
+    rows = eval_harness.evaluate(dataset, predict, runs, out, batch_size=args.batch, write=write)
+    if not write:
+        return rows
     accuracy_plot([dict(method=r.method, keep=r.budget or pipe.num_image_tokens, accuracy=r.accuracy_pct)
                    for r in rows], out / "summary.png", f"{name}, n={len(dataset.samples)}")
     print(f"wrote {out}/summary.csv, summary.png")
@@ -119,10 +131,11 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=3, help="answers are one word and </s> (default 3)")
     p.add_argument("--out", type=Path, default=Path("eval/synthetic"))
+    p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     a = p.parse_args(argv)
     return eval_synthetic.run(a.model, a.out, n=a.n, methods=items(a.methods), budgets=items(a.budgets),
                               seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens, resamples=a.resamples,
-                              split=a.split)
+                              split=a.split, mesh=sharding.mesh_option(a.mesh))
 
 
 def items(values: Sequence[str]) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
@@ -21,7 +22,7 @@ import svdprune_jax
 from app.methods import MethodSpec, parse
 from convert.checkpoint import load_model
 from convert.hf_config import processor_path, tokenizer_path
-from models import stack
+from models import sharding, stack
 from models.generate import generate
 from models.llama import FastV
 from models.llava import GIVEN, LlavaConfig, adaptive_keep
@@ -46,17 +47,19 @@ class Pipeline:
     config: LlavaConfig
     tokenizer: object
     processor: CLIPImageProcessorPil
+    mesh: Mesh | None = None  # runs sharded on it (`models.sharding`); batches must split over its `data` axis
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype=None) -> "Pipeline":
+    def load(cls, model_dir: str | Path, dtype=None, mesh: Mesh | None = None) -> "Pipeline":
+        """mesh: load every param straight into its shards on it and run sharded there."""
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir}: not a LLaVA model directory (no config.json)")
         # one weight buffer per layer: XLA:CPU copies dynamically indexed layer slices in the decode loop
-        model = stack.per_layer(load_model(model_dir, dtype))
+        model = stack.per_layer(load_model(model_dir, dtype, mesh))
         graphdef, state = nnx.split(model)
         return cls(graphdef, state, model.config, AutoTokenizer.from_pretrained(tokenizer_path(model_dir)),
-                   CLIPImageProcessorPil.from_pretrained(processor_path(model_dir)))
+                   CLIPImageProcessorPil.from_pretrained(processor_path(model_dir)), mesh)
 
     @property
     def num_image_tokens(self) -> int:
@@ -130,9 +133,11 @@ class Pipeline:
                        max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                        pad_token_id=self.tokenizer.pad_token_id or 0,
                        pruning=None if in_llm else spec.pruning(budget),
-                       fastv=FastV(budget) if method == "fastv" else None, key=key, scores=scores, timed=timed)
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        kept = None if out.kept is None else np.asarray(out.kept)
+                       fastv=FastV(budget) if method == "fastv" else None, key=key, scores=scores, timed=timed,
+                       mesh=self.mesh)
+        # on a mesh spanning several processes each holds only its rows: gathered here, the answers merged
+        tokens, lengths = sharding.to_host(out.tokens), sharding.to_host(out.lengths)
+        kept = None if out.kept is None else sharding.to_host(out.kept)
         answers = []
         for i, prompt in enumerate(prompts):
             generated = tokens[i, :lengths[i]].tolist()

@@ -2,7 +2,7 @@
 
     convert_checkpoint(hf_dir, out_dir, dtype=None, progress=True)   HF directory -> ours (Orbax)
     export_checkpoint(our_dir, hf_dir, max_shard_bytes=None)          ours -> transformers-loadable directory
-    load_model(path, dtype=None) -> models.llava.Llava                from either kind of directory
+    load_model(path, dtype=None, mesh=None) -> models.llava.Llava     from either kind of directory (sharded on a mesh)
     save_model(model, out_dir, assets_from=None)                      a (trained) model -> ours
     tokenizer_path(path), processor_path(path)                        where AutoTokenizer / the processor load from
 """

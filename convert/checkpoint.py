@@ -19,6 +19,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from convert import keymap
@@ -26,6 +27,7 @@ from convert.hf_config import copy_assets, read_config, read_config_json, write_
 from convert.orbax_io import params_metadata, restore_params, save_params
 from convert.safetensors_io import (Tensor, copy_tiled, nbytes, read_checkpoint, read_header, write_checkpoint,
                                     write_file)
+from models import sharding
 from models.llava import Llava, LlavaConfig
 
 PARAMS, UNUSED = "params", "hf_unused.safetensors"
@@ -59,9 +61,15 @@ def abstract_model(config: LlavaConfig, dtype: str) -> Llava:
     return nnx.eval_shape(lambda: Llava(config, dtype=d, param_dtype=d, rngs=nnx.Rngs(0)))
 
 
-def abstract_params(model: Llava) -> dict:
-    """Our param tree of a (possibly abstract) model: nested dict of arrays or jax.ShapeDtypeStruct."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def abstract_params(model: Llava, mesh: Mesh | None = None) -> dict:
+    """Our param tree of a (possibly abstract) model: nested dict of arrays or jax.ShapeDtypeStruct; with a
+    mesh, ShapeDtypeStructs carrying each param's sharding (`models.sharding`), the target of a sharded restore."""
+    state = nnx.state(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    if mesh is None:
+        return params
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                        nnx.to_pure_dict(sharding.param_shardings(state, mesh)))
 
 
 @contextlib.contextmanager
@@ -109,11 +117,18 @@ def _drain(flat: dict) -> Iterator[tuple[keymap.Path, np.ndarray]]:
         yield flat.popitem()
 
 
-def _model(model: Llava, params: Iterator[tuple[keymap.Path, np.ndarray]]) -> Llava:
-    """`model` (abstract) holding `params`, moved to the device one at a time so that each host array can be
-    freed before the next arrives (on CPU, device_put may alias it instead)."""
+def _model(model: Llava, params: Iterator[tuple[keymap.Path, np.ndarray | jax.Array]], target: dict) -> Llava:
+    """`model` (abstract) holding `params`, host arrays moved to the device one at a time so that each can be
+    freed before the next arrives (on CPU, device_put may alias it instead). `target` is the flat abstract
+    params: where they carry a sharding, each device receives only its own slices of a host array; arrays Orbax
+    restored are already in place."""
+    def place(p, a):
+        if isinstance(a, jax.Array):
+            return a
+        return jax.device_put(a) if target[p].sharding is None else sharding.put(a, target[p].sharding)
+
     graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({p: jax.device_put(a) for p, a in params}))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({p: place(p, a) for p, a in params}))
     return nnx.merge(graphdef, state)
 
 
@@ -122,20 +137,27 @@ def _stored_dtype(our_dir: Path) -> str:
     return _default_dtype(d for _, d in leaves)
 
 
-def load_model(path: str | Path, dtype=None) -> Llava:
+def load_model(path: str | Path, dtype=None, mesh: Mesh | None = None) -> Llava:
     """The Llava model stored in an HF LLaVA directory (safetensors) or in ours (Orbax).
 
-    dtype: float32 or bfloat16 for params and compute; default the checkpoint's own (float16 -> bfloat16)."""
+    dtype: float32 or bfloat16 for params and compute; default the checkpoint's own (float16 -> bfloat16).
+    mesh: a `models.sharding.make_mesh` mesh; every param goes straight into its shards, never whole onto one
+    device: Orbax restores each device's own slices; HF tensors are read on the host one param at a time and
+    only their slices sent to each device."""
     path = Path(path)
     config = read_config(path)
+    if mesh is not None:
+        sharding.check_model_axis(config, mesh.shape[sharding.MODEL])
     if is_ours(path):
         model = abstract_model(config, dtype_name(dtype or _stored_dtype(path)))
-        params = _drain(traverse_util.flatten_dict(restore_params(path / PARAMS, abstract_params(model))))
+        target = abstract_params(model, mesh)
+        params = _drain(traverse_util.flatten_dict(restore_params(path / PARAMS, target)))
     else:
         tensors = read_checkpoint(path)
         model = abstract_model(config, dtype_name(dtype or _default_dtype(t.dtype for t in tensors.values())))
+        target = abstract_params(model, mesh)
         params = _read(*_plan(tensors, model))
-    return _model(model, params)
+    return _model(model, params, traverse_util.flatten_dict(target))
 
 
 def _write(tmp: Path, params: dict, config: LlavaConfig, dtype: str, base: dict | None, assets_from: Path | None):

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models import stack
+from models.sharding import axes
 
 # transformers' ACT2FN names -> jax. HF "gelu" is the exact erf form (jax.nn.gelu defaults to tanh).
 _tanh_gelu = functools.partial(jax.nn.gelu, approximate=True)
@@ -102,7 +103,12 @@ def feature_layers(vision_feature_layer: int | Sequence[int], num_hidden_layers:
 def _layer_norm(cfg: CLIPVisionConfig, param_dtype, rngs) -> nnx.LayerNorm:
     # float32 statistics and output whatever the compute dtype; two-pass variance (CLIP has large outlier channels).
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
-                         use_fast_variance=False, rngs=rngs)
+                         use_fast_variance=False, scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs)
+
+
+def linear(d_in: int, d_out: int, names: tuple[str, str], **kw) -> nnx.Linear:
+    """nnx.Linear with logical axis names on its kernel (in, out) and bias (out)."""
+    return nnx.Linear(d_in, d_out, kernel_metadata=axes(*names), bias_metadata=axes(names[1]), **kw)
 
 
 def attention(q: Float[Array, "B T H d"], k: Float[Array, "B T H d"], v: Float[Array, "B T H d"]
@@ -120,8 +126,9 @@ def attention(q: Float[Array, "B T H d"], k: Float[Array, "B T H d"], v: Float[A
 
 class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        proj = functools.partial(nnx.Linear, cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = proj(), proj(), proj(), proj()
+        proj = functools.partial(linear, cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = (proj(("embed", "heads")) for _ in range(3))
+        self.out_proj = proj(("heads", "embed"))
         self.heads = cfg.num_attention_heads
 
     def __call__(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], Float[Array, "B H T T"]]:
@@ -132,8 +139,9 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -159,9 +167,11 @@ class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         p, d = cfg.patch_size, cfg.hidden_size
         self.patch_embedding = nnx.Conv(cfg.num_channels, d, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), param_dtype))
-        self.position_embedding = nnx.Embed(1 + cfg.num_patches, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                        dtype=dtype, param_dtype=param_dtype,
+                                        kernel_metadata=axes(None, None, None, "embed"), rngs=rngs)
+        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), param_dtype), **axes("embed"))
+        self.position_embedding = nnx.Embed(1 + cfg.num_patches, d, dtype=dtype, param_dtype=param_dtype,
+                                            embedding_metadata=axes(None, "embed"), rngs=rngs)
         self.dtype = dtype
 
     def __call__(self, pixel_values: Float[Array, "B C H W"]) -> Float[Array, "B T D"]:

@@ -3,6 +3,9 @@
 Prompts are left-padded to a bucket length (a multiple of `bucket`), so every prompt length inside a bucket
 reuses one compiled program. The three stages are also jitted alone for `timed=True`, which blocks after
 each and reports its wall time (the first call of a shape includes compilation).
+
+On a device mesh (`mesh=`, see `models.sharding`) the same jitted program runs SPMD: the batch split over
+`data`, the params and the KV cache over `model` as the params declare; outputs stay sharded global arrays.
 """
 import dataclasses
 import functools
@@ -12,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 import svdprune_jax
+from models import sharding
 from models.llama import FastV, init_cache
 from models.llava import GIVEN, Llava, Pruning, check_prompts
 
@@ -139,7 +144,8 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
              input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None = None, *, max_new_tokens: int,
              eos_token_id: int | None, pad_token_id: int = 0, pruning: Pruning | None = None,
              fastv: FastV | None = None, temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
-             scores: Float[Array, "B N"] | None = None, bucket: int = 64, timed: bool = False) -> Generation:
+             scores: Float[Array, "B N"] | None = None, bucket: int = 64, timed: bool = False,
+             mesh: Mesh | None = None) -> Generation:
     """Generate up to `max_new_tokens` per row for a left-padded batch of prompts, one image each.
 
     `graphdef, state = nnx.split(model)` once, outside. pixel_values (B, C, H, W) as the CLIP processor gives
@@ -149,6 +155,8 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     scores (B, N): per-token scores for `Pruning(GIVEN, k)`, which keeps the k highest (e.g. an oracle's).
     timed: run encode / prefill / decode as separate jits and report each one's seconds (the first call of
     a shape includes its compilation).
+    mesh: run sharded on it; `state` must be laid out on it (`load_model(..., mesh=mesh)`), B a multiple of its
+    `data` axis. Every process passes the same whole batch (host arrays) and gets global arrays back.
     """
     cfg = nnx.merge(graphdef, state).config
     check_prompts(cfg, input_ids, attention_mask, cfg.num_image_tokens if pruning is None else pruning.k)
@@ -178,8 +186,9 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     run = _timed_generate if timed else _generate
     eos = -1 if eos_token_id is None else eos_token_id
     scores = None if scores is None else jnp.asarray(scores, jnp.float32)
-    out = run(graphdef, state, jnp.asarray(pixel_values), jnp.asarray(ids), jnp.asarray(mask), key, scores, jnp.float32(temperature),
-              jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_token_id), pruning=pruning, fastv=fastv,
-              max_new_tokens=max_new_tokens)
+    pixel_values, ids, mask, scores = sharding.put_batch(mesh, pixel_values, ids, mask, scores)
+    with sharding.use(mesh):
+        out = run(graphdef, state, pixel_values, ids, mask, key, scores, jnp.float32(temperature), jnp.float32(top_p),
+                  jnp.int32(eos), jnp.int32(pad_token_id), pruning=pruning, fastv=fastv, max_new_tokens=max_new_tokens)
     (tokens, lengths, kept, columns), timings = out if timed else (out, {})
     return Generation(tokens, lengths, kept, columns, timings)

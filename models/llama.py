@@ -23,7 +23,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 import svdprune_jax
 from models import stack
-from models.clip import activation
+from models.clip import activation, linear
+from models.sharding import axes, constrain
 
 # transformers' LlamaConfig defaults: hub config.json files (e.g. llava-hf's text_config) omit keys left at these.
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -103,8 +104,11 @@ def init_cache(cfg: LlamaConfig, batch: int, lengths: tuple[int, ...], fastv: Fa
     segs = segments(cfg, fastv)
     if len(lengths) != len(segs):
         raise ValueError(f"{len(lengths)} cache lengths for {len(segs)} segments")
-    kv = lambda n, S: jnp.zeros((n, batch, cfg.num_key_value_heads, S, cfg.head_dim), dtype)
-    return tuple(dict(k=kv(b - a, S), v=kv(b - a, S), mask=jnp.zeros((batch, S), bool), index=jnp.int32(0))
+    # rows split like the batch, heads like the k/v projections that fill them: writes stay on their device
+    kv = lambda n, S: constrain(jnp.zeros((n, batch, cfg.num_key_value_heads, S, cfg.head_dim), dtype),
+                                "layers", "batch", "kv_heads", None, None)
+    mask = lambda S: constrain(jnp.zeros((batch, S), bool), "batch", None)
+    return tuple(dict(k=kv(b - a, S), v=kv(b - a, S), mask=mask(S), index=jnp.int32(0))
                  for (a, b), S in zip(segs, lengths))
 
 
@@ -150,7 +154,7 @@ class RMSNorm(nnx.Module):
     """Statistics and scale in float32, output in the input dtype."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **axes("embed"))
         self.eps = eps
 
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
@@ -161,12 +165,12 @@ class RMSNorm(nnx.Module):
 
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        lin = functools.partial(nnx.Linear, use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        lin = functools.partial(linear, use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         D, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = lin(D, cfg.num_attention_heads * hd)
-        self.k_proj = lin(D, cfg.num_key_value_heads * hd)
-        self.v_proj = lin(D, cfg.num_key_value_heads * hd)
-        self.o_proj = lin(cfg.num_attention_heads * hd, D)
+        self.q_proj = lin(D, cfg.num_attention_heads * hd, ("embed", "heads"))
+        self.k_proj = lin(D, cfg.num_key_value_heads * hd, ("embed", "kv_heads"))
+        self.v_proj = lin(D, cfg.num_key_value_heads * hd, ("embed", "kv_heads"))
+        self.o_proj = lin(cfg.num_attention_heads * hd, D, ("heads", "embed"))
         self.head_dim = hd
 
     def qkv(self, x: Float[Array, "B T D"], cos, sin):
@@ -178,10 +182,10 @@ class LlamaAttention(nnx.Module):
 
 class LlamaMLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        lin = functools.partial(nnx.Linear, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
+        lin = functools.partial(linear, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"))
+        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"))
+        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"))
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -210,7 +214,8 @@ class Llama(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config, self.dtype = cfg, dtype
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_metadata=axes("vocab", "embed"), rngs=rngs)
 
         self.layers = stack.stacked(lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
                                     cfg.num_hidden_layers, rngs)

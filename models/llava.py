@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 import svdprune_jax
-from models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, activation, feature_layers
+from models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, activation, feature_layers, linear
 from models.llama import FastV, Llama, LlamaConfig
+from models import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +105,8 @@ class LlavaMultiModalProjector(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         D = cfg.text.hidden_size
         kw = dict(use_bias=cfg.multimodal_projector_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_1 = nnx.Linear(cfg.vision.hidden_size * cfg.num_feature_layers, D, **kw)
-        self.linear_2 = nnx.Linear(D, D, **kw)
+        self.linear_1 = linear(cfg.vision.hidden_size * cfg.num_feature_layers, D, ("embed", "mlp"), **kw)
+        self.linear_2 = linear(D, D, ("mlp", "embed"), **kw)
         self.act = cfg.projector_hidden_act
 
     def __call__(self, x: Float[Array, "B N Dv"]) -> Float[Array, "B N D"]:
@@ -119,8 +121,8 @@ class Llava(nnx.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision, depth, **kw)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg, **kw)
         self.language_model = Llama(cfg.text, **kw)
-        self.lm_head = None if cfg.text.tie_word_embeddings else nnx.Linear(
-            cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, **kw)
+        self.lm_head = None if cfg.text.tie_word_embeddings else linear(
+            cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
     def image_features(self, pixel_values: Float[Array, "B C H W"], *, cls_attention: bool = False):
         """Selected vision features (B, N, Dv * layers); with `cls_attention` also the head-averaged attention
@@ -148,6 +150,8 @@ class Llava(nnx.Module):
         needs_attn = pruning is not None and pruning.method in svdprune_jax.NEEDS_CLS_ATTENTION
         matrix = "tower" if pruning is None else pruning.matrix
         feats, cls_attn = self.scored_features(pixel_values, matrix, cls_attention=needs_attn)
+        # each device scores and prunes its own images: no image crosses the data axis
+        feats = sharding.constrain(feats, "batch", None, None)
         kept = None
         if pruning is not None and pruning.method == GIVEN:
             kept = svdprune_jax.select_tokens(scores, pruning.k)
@@ -218,11 +222,16 @@ def check_prompts(cfg: LlavaConfig, input_ids, attention_mask, budget: int):
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, pixel_values, input_ids, attention_mask=None, *,
-            pruning: Pruning | None = None, fastv: FastV | None = None, key: jax.Array | None = None):
-    """Checked, jitted `Llava.__call__` on a split model: (logits (B, T', V), kept indices, kept columns)."""
+            pruning: Pruning | None = None, fastv: FastV | None = None, key: jax.Array | None = None,
+            mesh: Mesh | None = None):
+    """Checked, jitted `Llava.__call__` on a split model: (logits (B, T', V), kept indices, kept columns).
+    mesh: run sharded on it (`state` laid out on it, the batch split over `data`; see `models.sharding`)."""
     cfg = nnx.merge(graphdef, state).config
     check_prompts(cfg, input_ids, attention_mask, cfg.num_image_tokens if pruning is None else pruning.k)
-    return _forward(graphdef, state, pixel_values, input_ids, attention_mask, key, pruning=pruning, fastv=fastv)
+    if mesh is not None:
+        pixel_values, input_ids, attention_mask = sharding.put_batch(mesh, pixel_values, input_ids, attention_mask)
+    with sharding.use(mesh):
+        return _forward(graphdef, state, pixel_values, input_ids, attention_mask, key, pruning=pruning, fastv=fastv)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("pruning", "fastv"))

@@ -14,12 +14,15 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
+from models import sharding
+
 M = TypeVar("M", bound=nnx.Module)
 
 
 def stacked(make: Callable[[nnx.Rngs], M], n: int, rngs: nnx.Rngs) -> M:
-    """n layers from `make(rngs)` as one module with a leading layer axis on every param."""
-    return nnx.split_rngs(splits=n)(nnx.vmap(make, in_axes=0, out_axes=0))(rngs)
+    """n layers from `make(rngs)` as one module with a leading layer axis on every param (logical name "layers")."""
+    return nnx.split_rngs(splits=n)(nnx.vmap(make, in_axes=0, out_axes=0,
+                                             transform_metadata={nnx.PARTITION_NAME: sharding.LAYERS}))(rngs)
 
 
 def run(layers: nnx.Module | nnx.List, start: int, stop: int, body: Callable[[int, nnx.Module, Any], Any], carry):
@@ -51,11 +54,16 @@ def unstack(layers: nnx.Module) -> nnx.List:
         stacked_value = var.get_value()
         slices = [stacked_value[i] for i in range(n)]
         for i in range(n):
-            per[i].append((path, var.replace(slices[i])))
+            per[i].append((path, _layer_variable(var, slices[i])))
         if not isinstance(stacked_value, jax.core.Tracer):  # tracers under nnx.eval_shape own no buffer
             jax.block_until_ready(slices)
             stacked_value.delete()
     return nnx.List([nnx.merge(graphdef, nnx.from_flat_state(p)) for p in per])
+
+
+def _layer_variable(stacked: nnx.Variable, value) -> nnx.Variable:
+    """One layer's slice of a stacked variable, its logical axis names without the leading "layers"."""
+    return nnx.spmd.remove_axis(stacked.replace(value), 0, {nnx.PARTITION_NAME: sharding.LAYERS})
 
 
 def per_layer(model: M) -> M:

@@ -83,3 +83,18 @@ def test_expand_and_left_pad():
     assert expand([1, 5, 9, 2], 9, 3) == [1, 5, 9, 9, 9, 2]
     ids, mask = left_pad([[1, 2, 3], [4]], 0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_run_on_a_mesh_answers_as_one_device(model_dir, tmp_path, capsys):
+    """--mesh data=1,model=1 (this session has one device) takes the sharded path (params placed by their
+    logical names, inputs split over data, the run under the mesh, results gathered): the same answer."""
+    argv = ("--model", model_dir, "--keep", 12, "--max-new-tokens", 5, "--out", tmp_path / "k.png")
+    one = run_json(capsys, *argv)
+    meshed = run_json(capsys, *argv, "--mesh", "data=1,model=1")
+    assert (meshed["token_ids"], meshed["kept_indices"]) == (one["token_ids"], one["kept_indices"])
+    with pytest.raises(SystemExit, match="mesh data=2,model=1 needs 2 devices; 1 are visible"):
+        cli.main(["run", "--model", str(model_dir), "--mesh", "data=2,model=1"])
+    with pytest.raises(SystemExit, match="expected data=D,model=M"):
+        cli.main(["run", "--model", str(model_dir), "--mesh", "2x1"])
+    with pytest.raises(SystemExit, match="--coordinator, --num-processes and --process-id go together"):
+        cli.main(["--coordinator", "localhost:1234", "run", "--model", str(model_dir)])

@@ -298,3 +298,18 @@ def test_progress_bar_reports_throughput(gqa, tmp_path, capsys):
     evaluate(gqa, oracle, [], tmp_path / "out", progress=True)
     err = capsys.readouterr().err
     assert "gqa full" in err and "sample/s" in err and f"{N}/{N}" in err
+
+
+def test_processes_that_do_not_write_answer_the_same_batches(gqa, tmp_path):
+    """A multi-host sweep: every process answers the same batches in step (the collectives need all of them);
+    only process 0 writes (write=True). The others leave the shared directory as they found it."""
+    out = tmp_path / "out"
+    writer, follower = [], []
+    with pytest.raises(Crash):  # a first run, cut short in the baseline
+        evaluate(gqa, crashing_after(2, writer), RUNS, out, batch_size=2, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    writer.clear()
+    assert evaluate(gqa, crashing_after(100, follower), RUNS, out, batch_size=2, progress=False, write=False) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    rows = evaluate(gqa, crashing_after(100, writer), RUNS, out, batch_size=2, progress=False)
+    assert follower == writer and _table(rows) == EXPECTED
