@@ -82,13 +82,19 @@ def make_sample(seed: int, cfg: SceneConfig = SceneConfig()) -> Sample:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     family, answer = family_and_answer(seed)
-    rng = np.random.default_rng(seed)
-    objects, n_asked, question = _objects(rng, family, answer)  # a prefix of the seed's random stream: see follow_ups
+    rng, objects, n_asked, question = _seed_objects(seed)
     scene = sample_scene(rng, objects, cfg)
     cover = _object_coverage(scene, cfg)
     coverage = cover[:n_asked].sum(0)
     return Sample(seed, family, question, answer, render(scene), coverage, coverage >= MIN_COVERAGE,
                   dense_targets(scene, cfg), scene, tuple(range(n_asked)))
+
+
+def _seed_objects(seed: int) -> tuple[np.random.Generator, list[SceneObject], int, str]:
+    """The seed's object list (drawn first from its random stream), asked count and question, and the stream
+    left for placing and drawing them: `follow_ups` needs only the objects, `make_sample` goes on to render."""
+    rng = np.random.default_rng(seed)
+    return rng, *_objects(rng, *family_and_answer(seed))
 
 
 def _objects(rng: np.random.Generator, family: str, answer: str) -> tuple[list[SceneObject], int, str]:
@@ -207,8 +213,7 @@ def follow_ups(seed: int, n: int, need_quadrant: bool = False) -> list[tuple[str
     seeded, in random order. Up to two per family, except presence and count: one per answer, since scenes hold
     far more absent and single objects than anything else. need_quadrant: up to two thirds of the n are the
     scene's needs_quadrant questions, the rest those picks. Only the object list is drawn, not the image."""
-    family, answer = family_and_answer(seed)
-    objects, _, own = _objects(np.random.default_rng(seed), family, answer)
+    _, objects, _, own = _seed_objects(seed)
     rng = np.random.default_rng([seed, 1])
     asked = [t for t in scene_questions(objects) if t[1] != own]
     pools = collections.defaultdict(list)
