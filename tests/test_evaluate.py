@@ -1,8 +1,9 @@
-"""`svdprune-jax eval synthetic|gqa|textvqa` end to end on a tiny random model, and the pieces it adds:
-object recall, the oracle, random over seeds, batch filling, RGB conversion, resume.
+"""`svdprune-jax eval synthetic|gqa|textvqa` end to end, and the pieces it adds: object recall, the oracle,
+random over seeds, batch filling, RGB conversion, resume. The synthetic sweep runs on a tiny random model; GQA
+and TextVQA run on fixtures in their official formats with the bundled model, whose answers are mostly right.
 
-Every model run uses batch 4, 3 new tokens and budgets 50 / 3 of the tiny model's 100 image tokens, so the
-runs share their compiled programs (each method x budget compiles once per test session)."""
+Every model run uses batch 4, 3 new tokens and budgets 50 / 3 image tokens, so the runs share their compiled
+programs (each method x budget compiles once per test session)."""
 import csv
 import json
 import logging
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from app import eval_synthetic, evaluate
-from app.bundled import SCENES
+from app.bundled import MODEL_DIR, SCENES
 from app.eval_harness import read_results, results_path
 from app.methods import parse
 from app.stats import mcnemar_exact
@@ -22,6 +23,7 @@ from svdprune_jax import budget_buckets
 from tiny_bundled import tiny_model_dir
 
 SCENE = SCENES["tiny"]  # 80 px, patch 8: 100 image tokens
+BUNDLED = SCENES["bundled"]  # 112 px, patch 8: 196 image tokens
 RUN = ["--batch", "4", "--max-new-tokens", "3"]
 
 
@@ -241,7 +243,7 @@ def test_pipeline_adaptive_specs(model_dir):
         pipe.answer([image], ["q"], method="oracle", keep=10)
 
 
-# ---- GQA / TextVQA end to end on fixtures in the official formats
+# ---- GQA / TextVQA end to end on fixtures in the official formats, with the bundled model
 
 def _save(image, path, mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +254,7 @@ def write_gqa(root, n=6):
     """GQA testdev-balanced format from the synthetic generator; the last image grayscale, one image missing."""
     questions = {}
     for i, seed in enumerate(split_seeds("test", n)):
-        s = make_sample(seed, SCENE)
+        s = make_sample(seed, BUNDLED)
         questions[f"q{i}"] = dict(imageId=f"n{i}", question=s.question, answer=s.answer.lower(), isBalanced=True,
                                   fullAnswer=f"It is {s.answer}.", types={"structural": "query"})
         _save(s.image, root / "images" / f"n{i}.jpg", "L" if i == n - 1 else "RGB")
@@ -265,7 +267,7 @@ def write_textvqa(root, n=6):
     """TextVQA val format (10 human answers) from the generator; one entry has no answers."""
     data = []
     for i, seed in enumerate(split_seeds("test", n)):
-        s = make_sample(seed, SCENE)
+        s = make_sample(seed, BUNDLED)
         data.append(dict(question_id=100 + i, image_id=f"t{i}", question=s.question, set_name="val",
                          answers=[s.answer] * 7 + ["unanswerable"] * 3, image_classes=["Sign"]))
         _save(s.image, root / "train_images" / f"t{i}.jpg")
@@ -274,14 +276,15 @@ def write_textvqa(root, n=6):
     return root
 
 
-def test_eval_gqa_end_to_end_and_resume(model_dir, tmp_path, capsys, caplog):
+def test_eval_gqa_end_to_end_and_resume(tmp_path, capsys, caplog):
     data, out = write_gqa(tmp_path / "gqa"), tmp_path / "out"
-    argv = ["gqa", "--data", str(data), "--model", str(model_dir), "--methods", "svd", "--keep", "50",
+    argv = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd", "--keep", "50",
             "--out", str(out), *RUN]
     with caplog.at_level(logging.WARNING):
         rows = evaluate.main(argv)
     assert "skipping question lost" in caplog.text and "n5.jpg is L; converted to RGB" in caplog.text
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1), ("svd", 50, 6, 1)]
+    assert rows[0].accuracy_pct >= 50  # real answers scored: the bundled model knows these scenes
     table = read_csv(out / "summary.csv")
     assert [(r["method"], r["budget"]) for r in table] == [("full", "all"), ("svd", "50")]
     assert (out / "summary.png").is_file() and "accuracy %" in capsys.readouterr().out
@@ -300,10 +303,10 @@ def test_eval_gqa_end_to_end_and_resume(model_dir, tmp_path, capsys, caplog):
     assert [r["accuracy_pct"] for r in read_csv(out / "summary.csv")] == [r["accuracy_pct"] for r in table]
 
 
-def test_eval_textvqa_end_to_end(model_dir, tmp_path, caplog):
+def test_eval_textvqa_end_to_end(tmp_path, caplog):
     data, out = write_textvqa(tmp_path / "textvqa"), tmp_path / "out"
     with caplog.at_level(logging.WARNING):
-        rows = evaluate.main(["textvqa", "--data", str(data), "--model", str(model_dir), "--methods", "svd",
+        rows = evaluate.main(["textvqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd",
                               "--keep", "50", "--limit", "5", "--out", str(out), *RUN])
     assert "skipping question 999: no answers" in caplog.text
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 5, 1), ("svd", 50, 5, 1)]
@@ -311,11 +314,17 @@ def test_eval_textvqa_end_to_end(model_dir, tmp_path, caplog):
         results = read_results(results_path(out, method, budget))
         assert sorted(results) == ["100", "101", "102", "103", "104"]
         assert all(0 <= r["score"] <= 1 for r in results.values())
+    # 7 of 10 humans gave the sample's answer: a right prediction scores min(7/3, 1) = 1 on every subset
+    fixture = json.loads((data / "TextVQA_0.5.1_val.json").read_text())["data"]
+    truth = {str(d["question_id"]): d["answers"][0] for d in fixture}
+    full = read_results(results_path(out, "full", None))
+    assert all(r["score"] == float(r["prediction"].lower() == truth[q].lower()) for q, r in full.items())
+    assert rows[0].accuracy_pct >= 50
 
 
-def test_eval_vqa_bad_input(model_dir, tmp_path):
+def test_eval_vqa_bad_input(tmp_path):
     data = write_gqa(tmp_path / "gqa")
-    base = ["gqa", "--data", str(data), "--model", str(model_dir), "--out", str(tmp_path / "out"), *RUN]
+    base = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--out", str(tmp_path / "out"), *RUN]
     with pytest.raises(ValueError, match="1 bad gqa entries.*lost: missing image file"):
         evaluate.main(base + ["--strict"])
     (data / "testdev_balanced_questions.json").write_text(json.dumps(
@@ -324,5 +333,5 @@ def test_eval_vqa_bad_input(model_dir, tmp_path):
         evaluate.main(base + ["--no-convert-rgb", "--methods", "svd", "--keep", "50"])
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.main(base + ["--methods", "full"])
-    with pytest.raises(ValueError, match="keep 101 outside"):
-        evaluate.main(base + ["--methods", "svd", "--keep", "101"])
+    with pytest.raises(ValueError, match="keep 197 outside"):
+        evaluate.main(base + ["--methods", "svd", "--keep", "197"])
