@@ -25,6 +25,7 @@ from tiny_bundled import tiny_model_dir
 SCENE = SCENES["tiny"]  # 80 px, patch 8: 100 image tokens
 BUNDLED = SCENES["bundled"]  # 112 px, patch 8: 196 image tokens
 RUN = ["--batch", "4", "--max-new-tokens", "3"]
+CHAT = ["--prompt-template", "USER: <image>\n{question} ASSISTANT:"]  # the bundled model's training prompt
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +280,7 @@ def write_textvqa(root, n=6):
 def test_eval_gqa_end_to_end_and_resume(tmp_path, capsys, caplog):
     data, out = write_gqa(tmp_path / "gqa"), tmp_path / "out"
     argv = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd", "--keep", "50",
-            "--out", str(out), *RUN]
+            "--out", str(out), *RUN, *CHAT]
     with caplog.at_level(logging.WARNING):
         rows = evaluate.main(argv)
     assert "skipping question lost" in caplog.text and "n5.jpg is L; converted to RGB" in caplog.text
@@ -301,13 +302,15 @@ def test_eval_gqa_end_to_end_and_resume(tmp_path, capsys, caplog):
     assert {q: r["prediction"] for q, r in read_results(path).items()} == \
         {q: r["prediction"] for q, r in answered.items()}  # the lost answers were given again, the same
     assert [r["accuracy_pct"] for r in read_csv(out / "summary.csv")] == [r["accuracy_pct"] for r in table]
+    with pytest.raises(ValueError, match="other settings \\(prompt_template"):  # LLaVA's eval prompt: refused
+        evaluate.main(argv[:-len(CHAT)])
 
 
 def test_eval_textvqa_end_to_end(tmp_path, caplog):
     data, out = write_textvqa(tmp_path / "textvqa"), tmp_path / "out"
     with caplog.at_level(logging.WARNING):
         rows = evaluate.main(["textvqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd",
-                              "--keep", "50", "--limit", "5", "--out", str(out), *RUN])
+                              "--keep", "50", "--limit", "5", "--out", str(out), *RUN, *CHAT])
     assert "skipping question 999: no answers" in caplog.text
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 5, 1), ("svd", 50, 5, 1)]
     for method, budget in (("full", None), ("svd", 50)):
@@ -316,7 +319,7 @@ def test_eval_textvqa_end_to_end(tmp_path, caplog):
         assert all(0 <= r["score"] <= 1 for r in results.values())
     # 7 of 10 humans gave the sample's answer: a right prediction scores min(7/3, 1) = 1 on every subset
     fixture = json.loads((data / "TextVQA_0.5.1_val.json").read_text())["data"]
-    truth = {str(d["question_id"]): d["answers"][0] for d in fixture}
+    truth = {str(d["question_id"]): d["answers"][0] for d in fixture if d["answers"]}
     full = read_results(results_path(out, "full", None))
     assert all(r["score"] == float(r["prediction"].lower() == truth[q].lower()) for q, r in full.items())
     assert rows[0].accuracy_pct >= 50
