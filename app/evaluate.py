@@ -143,7 +143,7 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p.add_argument("--split", choices=("validation", "test"), default="test",
                    help="choose hyperparameters on validation; read test once per final configuration")
     p.add_argument("--methods", nargs="+", default=list(methods),
-                   help=f"method specs (app/methods.py), e.g. svd:energy=0.9,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
+                   help=f"method specs (app/methods.py), e.g. svd,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
                         f"svd:matrix=projector; methods from {', '.join(methods)} (default: each plain method)")
     p.add_argument("--budgets", nargs="+", default=list(budgets),
                    help="shares of the image tokens (50%%, 64/576) or token counts (default: %(default)s)")

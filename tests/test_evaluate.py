@@ -138,8 +138,8 @@ def test_adaptive_spec_answers_each_image_at_its_budget():
     runs = eval_synthetic.sweep(pipe, test, ["svd:adaptive=0.9", "norm"], ["50%"], seeds=1, batch=4)
     assert set(pipe.batches) == {4}
     # images 0, 3, 6, 9 keep 7 tokens, 1, 4, 7, 10 keep 13, 2, 5, 8 keep 25: 4 + 4 + 3 questions, a batch each
-    timed = [(m, k) for m, k in zip(pipe.methods, pipe.keeps) if m == "svd:center=true:energy=0.9"]
-    assert sorted(timed) == sorted([("svd:center=true:energy=0.9", k) for k in (7, 7, 13, 13, 25, 25)])
+    timed = [(m, k) for m, k in zip(pipe.methods, pipe.keeps) if m == "svd"]
+    assert sorted(timed) == sorted([("svd", k) for k in (7, 7, 13, 13, 25, 25)])
     adaptive = runs[1]
     assert adaptive.method == "svd:adaptive=0.9" and adaptive.keep == 50
     np.testing.assert_array_equal(adaptive.tokens, [(7, 13, 25)[i % 3] for i in range(11)])
@@ -154,7 +154,7 @@ def test_mcnemar_against_the_best_other_method():
     """svd specs are tested against the most accurate non-svd, non-oracle row at each budget (random: seed 0)."""
     n = 40
     rng = np.random.default_rng(0)
-    answers = {m: rng.random(n) < p for m, p in [("svd", 0.6), ("svd:energy=0.9", 0.5), ("norm", 0.4),
+    answers = {m: rng.random(n) < p for m, p in [("svd", 0.6), ("svd:rank=k", 0.5), ("norm", 0.4),
                                                  ("random", 0.7), ("oracle", 0.95)]}
     runs = [eval_synthetic.Run(parse(m, eval_synthetic.METHODS + ("full",)), "5", 5, seed, answers[m] if seed == 0
                                else ~answers[m], np.full(n, 5), None, None, 0.0)
@@ -162,7 +162,7 @@ def test_mcnemar_against_the_best_other_method():
     rows = eval_synthetic.summarize(runs, np.array(["colour"] * n))
     by = {r["method"]: r for r in rows}
     best = max(("norm", "random"), key=lambda m: by[m]["accuracy"])
-    for m in ("svd", "svd:energy=0.9"):
+    for m in ("svd", "svd:rank=k"):
         assert by[m]["mcnemar_vs"] == best
         assert by[m]["mcnemar_p"] == mcnemar_exact(answers[m], answers[best])
     assert by["norm"]["mcnemar_p"] is None and by["oracle"]["mcnemar_vs"] is None
@@ -170,7 +170,7 @@ def test_mcnemar_against_the_best_other_method():
 
 
 @pytest.mark.parametrize("methods, message", [
-    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:rank=k"], "are the same; give each once"),
+    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:energy=0.9"], "are the same; give each once"),
     (["full"], "unknown method 'full'"), (["svd:eps=2"], "svd takes no option 'eps'"),
     (["oracle:rank=2"], "oracle takes no option 'rank'")])
 def test_sweep_refuses_bad_methods(methods, message):
