@@ -16,6 +16,7 @@ data axis spans them, so every batch is split across processes, each answering i
 gathered and only process 0 writes (--out must be one directory all processes see).
 """
 import argparse
+import json
 import sys
 import zlib
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from app import eval_harness, eval_synthetic, vqa_data
 from app.bundled import MODEL_DIR
 from app.methods import parse_list
 from app.pictures import accuracy_plot
-from app.pipeline import METHODS, Pipeline, read_image
+from app.pipeline import CHAT_TEMPLATE, METHODS, Pipeline, read_image
 from app.stats import RESAMPLES
 from models import sharding
 
@@ -35,18 +36,32 @@ BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
 VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
 
 
-def vqa_predict(pipe: Pipeline, *, batch: int, max_new_tokens: int, convert_rgb: bool) -> eval_harness.Predict:
-    """The harness's predict: LLaVA-1.5's eval prompt, greedy answers, batches filled up to `batch` rows by
-    repeating questions (their answers dropped) so that one compiled shape serves a whole run."""
+def vqa_predict(pipe: Pipeline, *, batch: int, max_new_tokens: int, convert_rgb: bool,
+                template: str = vqa_data.PROMPT) -> eval_harness.Predict:
+    """The harness's predict: the prompt template (default LLaVA-1.5's eval prompt), greedy answers, batches filled
+    up to `batch` rows by repeating questions (their answers dropped) so that one compiled shape serves a run."""
     def predict(samples: Sequence[vqa_data.Sample], method: str, budget: int | None) -> list[str]:
         images = [read_image(s.image, convert=convert_rgb) for s in samples]
         rows = [i % len(samples) for i in range(max(batch, len(samples)))]
         key = jax.random.key(zlib.crc32(samples[0].qid.encode()))  # random pruning: fixed by the batch
         answers, _ = pipe.answer([images[i] for i in rows], [samples[i].question for i in rows],
                                  method=method, keep=budget, max_new_tokens=max_new_tokens,
-                                 template=vqa_data.PROMPT, key=key)
+                                 template=template, key=key)
         return [a.text for a in answers[:len(samples)]]
     return predict
+
+
+def check_settings(out: Path, **settings) -> None:
+    """A resumed run must answer as the finished answers in `out` were: same model, prompt and decoding."""
+    path = out / "settings.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | stored.keys() if stored.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds answers made with other settings ({', '.join(changed)}: "
+                             f"{[stored.get(k) for k in changed]} there); use another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def warm_up(dataset: vqa_data.Dataset, predict: eval_harness.Predict, runs, out_dir: Path, batch: int) -> None:
@@ -73,8 +88,13 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--convert-rgb", action=argparse.BooleanOptionalAction, default=True,
                    help="convert non-RGB images with a warning (default), or refuse them")
+    p.add_argument("--prompt-template", default=vqa_data.PROMPT,
+                   help="one <image> and {question} (default LLaVA-1.5's eval prompt; the bundled model was trained on "
+                        f"{CHAT_TEMPLATE!r})")
     p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     args = p.parse_args(argv)
+    if "{question}" not in args.prompt_template:
+        raise ValueError(f"--prompt-template must hold {{question}}: {args.prompt_template!r}")
     specs = parse_list(args.methods, VQA_METHODS)
     adaptive = [s.text for s in specs if s.adaptive is not None]
     if adaptive:
@@ -98,8 +118,11 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
             pipe.budget(method, k)  # bad budgets fail before any work
     runs = [(m, k) for m in methods for k in keeps]
     out = args.out or Path("eval") / name
-    predict = vqa_predict(pipe, batch=args.batch, max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb)
+    predict = vqa_predict(pipe, batch=args.batch, max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb,
+                          template=args.prompt_template)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, model=str(args.model.resolve()), prompt_template=args.prompt_template,
+                   max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb)
     warm_up(dataset, predict, runs, out, args.batch)
     write = jax.process_index() == 0
     rows = eval_harness.evaluate(dataset, predict, runs, out, batch_size=args.batch, write=write)
@@ -120,7 +143,7 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p.add_argument("--split", choices=("validation", "test"), default="test",
                    help="choose hyperparameters on validation; read test once per final configuration")
     p.add_argument("--methods", nargs="+", default=list(methods),
-                   help=f"method specs (app/methods.py), e.g. svd:energy=0.9,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
+                   help=f"method specs (app/methods.py), e.g. svd,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
                         f"svd:matrix=projector; methods from {', '.join(methods)} (default: each plain method)")
     p.add_argument("--budgets", nargs="+", default=list(budgets),
                    help="shares of the image tokens (50%%, 64/576) or token counts (default: %(default)s)")

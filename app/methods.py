@@ -2,16 +2,16 @@
 
     METHOD[:NAME=VALUE[:NAME=VALUE...]]      several specs in a list are separated by commas
 
-    svd                      SVD-Prune as `prune` defaults it (rank = the budget k, uncentred, tower features)
-    svd:energy=0.9           rank chosen per image: the first singular directions holding 90% of sum(s^2)
-    svd:rank=8, svd:r=8      a fixed rank; svd:rank=k is the budget clipped to min(N, D) (the default spelt out)
-    svd:center=true          leverage of the mean-centred tokens (PCA leverage)
+    svd                      SVD-Prune as `prune` defaults it (`svdprune_jax.SVD_DEFAULTS`: energy=0.9 on centred
+                             tokens, tower features)
+    svd:energy=0.5           rank chosen per image: the first singular directions holding 50% of sum(s^2)
+    svd:rank=8, svd:r=8      a fixed rank; svd:rank=k is the budget clipped to min(N, D) (classic rank-k leverage)
+    svd:center=false         leverage of the raw tokens (default: mean-centred, PCA leverage)
     svd:solver=gram          the leverage solver (`svdprune_jax.SOLVERS`)
     svd:matrix=projector     score the projector's output instead of the tower's selected layer (the paper's)
     svd:adaptive=0.9         a per-image budget: the smallest bucket (the budget and its halvings) holding 90% of
-                             the image's leverage mass (`svdprune_jax.adaptive_budget`); without a rank rule it
-                             uses energy=0.9 and center=true (`ADAPTIVE_RULE`), since rank = budget would put
-                             every image in the largest bucket and uncentred leverage spreads over the background
+                             the image's leverage mass (`svdprune_jax.adaptive_budget`), by the spec's rank rule
+                             (not rank=k: it would put every image in the largest bucket)
     lrcp:r=4                 LRCP with its PCA rank (default `svdprune_jax.LRCP_RANK`)
     visionzip:contextual=4   VisionZip's merged-token count (default from the budget)
     svd:merge=true           merge instead of drop: each dropped token averaged into its most similar kept token
@@ -33,12 +33,12 @@ import svdprune_jax
 from svdprune_jax import adaptive, checks, pruning
 from models.llava import MATRICES, Pruning
 
-BUDGET = "k"  # rank=k: the rank is the token budget
 FEATURE_METHODS = ("svd", "lrcp", "norm", "divprune", "visionzip")  # they score the features: `matrix` applies
-ADAPTIVE_RULE = (("center", True), ("energy", 0.9))  # adaptive's rank rule when the spec names none
+BUDGET = svdprune_jax.BUDGET  # rank=k: the rank is the token budget
+DEFAULT_RULE = dict(energy=svdprune_jax.SVD_DEFAULTS["energy"])  # svd's rank rule when the spec names none
 ALIASES = dict(r="rank")
 DEFAULTS = {m: dict(merge=False) for m in pruning.MERGEABLE} | dict(
-    svd=dict(center=False, solver="auto", merge=False), lrcp=dict(rank=svdprune_jax.LRCP_RANK, solver="auto", merge=False))
+    svd=dict(center=svdprune_jax.SVD_DEFAULTS["center"], solver="auto", merge=False), lrcp=dict(rank=svdprune_jax.LRCP_RANK, solver="auto", merge=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,23 +46,19 @@ class MethodSpec:
     """A parsed spec. `text` is the spelling it was given (the key of its results); equality ignores it."""
     text: str = dataclasses.field(compare=False)
     method: str
-    options: tuple[tuple[str, Any], ...] = ()  # `prune` options, defaults filled in; rank may be BUDGET
+    options: tuple[tuple[str, Any], ...] = ()  # `prune` options, defaults filled in; rank may be BUDGET ("k")
     matrix: str = "tower"
     adaptive: float | None = None  # leverage-mass target of a per-image budget
 
     def __str__(self) -> str:
         return self.text
 
-    def prune_options(self, k: int) -> tuple[tuple[str, Any], ...]:
-        """The `prune` options at budget k: rank=k is left to `prune`'s default, k clipped to min(N, D)."""
-        return tuple((name, value) for name, value in self.options if value != BUDGET)
-
     def pruning(self, k: int) -> Pruning:
-        return Pruning(self.method, k, self.prune_options(k), self.matrix)
+        return Pruning(self.method, k, self.options, self.matrix)
 
     def fixed(self) -> "MethodSpec":
         """This spec at a fixed budget: the adaptive target dropped, its rank rule kept (and spelt out)."""
-        defaults = DEFAULTS.get(self.method, {}) | (dict(rank=BUDGET) if self.method == "svd" else {})
+        defaults = DEFAULTS.get(self.method, {}) | (DEFAULT_RULE if self.method == "svd" else {})
         words = [f"{name}={str(value).lower()}" for name, value in self.options if defaults.get(name) != value]
         words += [f"matrix={self.matrix}"] * (self.matrix != "tower")
         return dataclasses.replace(self, text=":".join([self.method, *words]), adaptive=None)
@@ -76,7 +72,7 @@ class MethodSpec:
         if self.method in svdprune_jax.METHODS:
             zeros = np.zeros((n, d), np.float32)
             svdprune_jax.validate(zeros, k, self.method, key=jax.random.key(0), cls_attention=zeros[:, 0],
-                                  **dict(self.prune_options(k)))
+                                  **dict(self.options))
         if self.adaptive is not None:
             adaptive.adaptive_options(n, d, self.adaptive, svdprune_jax.budget_buckets(k), **dict(self.rule()))
 
@@ -159,7 +155,7 @@ def parse(text: str, allowed: Sequence[str]) -> MethodSpec:
     if "rank" in options and "energy" in options:
         raise ValueError(f"method spec {text!r}: give one of rank and energy")
     if method == "svd" and "rank" not in options and "energy" not in options:  # the default rank rule
-        options = (dict(ADAPTIVE_RULE) if adaptive is not None else dict(rank=BUDGET)) | options
+        options = DEFAULT_RULE | options
     if method != "svd" and options.get("rank") == BUDGET:
         raise ValueError(f"method spec {text!r}: rank={BUDGET} (the budget) is a rank rule of svd only")
     if adaptive is not None and options.get("rank") == BUDGET:

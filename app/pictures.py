@@ -52,13 +52,14 @@ def accuracy_plot(rows: Sequence[dict], path: str | Path, title: str, x: str = "
 
     fig = Figure(figsize=(7.2, 4.6))
     ax = fig.subplots()
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         pts = sorted((r[x], r["accuracy"], r.get("ci_low"), r.get("ci_high")) for r in rows if r["method"] == method)
         xs, ys, lows, highs = zip(*pts)
         err = None if None in lows + highs else [np.subtract(ys, lows), np.subtract(highs, ys)]
         adaptive = any(r.get("adaptive") is not None for r in rows if r["method"] == method)
-        ax.errorbar(xs, ys, yerr=err, marker="s" if adaptive else "o", linestyle="--" if adaptive else "-",
-                    capsize=3, markersize=4, label=method)
+        cycle = i // 10  # past ten methods the colours repeat: another marker and line style tell them apart
+        ax.errorbar(xs, ys, yerr=err, color=f"C{i % 10}", marker="s" if adaptive else "o^"[cycle % 2],
+                    linestyle="--" if adaptive else "-:"[cycle % 2], capsize=3, markersize=4, label=method)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("image tokens kept" + (" (mean over images)" if x == "mean_keep" else ""))
     ax.set_ylabel("accuracy (%)")

@@ -36,7 +36,7 @@ from app.methods import parse  # noqa: E402
 N, D, B = 576, 1024, 8
 SOLVERS = ("svd", "gram", "randomized")
 GEOMETRIES = ((144, 128, 16), (576, 1024, 64))  # (N, D, k): the bundled model's tower, LLaVA-1.5's; k = 64/576 N
-SELECTORS = ("svd", "svd:energy=0.9", "svd:center=true:energy=0.9", "svd:center=true", "svd:solver=gram", "lrcp",
+SELECTORS = ("svd", "svd:center=false", "svd:rank=k", "svd:rank=k:center=false", "svd:solver=gram", "lrcp",
              "norm", "cls_attention", "random", "divprune", "visionzip", "svd:merge=true", "svd:adaptive=0.9")
 
 
@@ -94,7 +94,7 @@ def selector(text: str, k: int):
     if spec.adaptive is not None:
         return lambda x, attn: sp.adaptive_budget(x, spec.adaptive, sp.budget_buckets(k), **dict(spec.rule()))
     return lambda x, attn: sp.prune(x, k, spec.method, key=jax.random.key(0), cls_attention=attn,
-                                    **dict(spec.prune_options(k)))[1]
+                                    **dict(spec.options))[1]
 
 
 def selector_times(reps: int) -> None:

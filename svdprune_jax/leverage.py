@@ -140,12 +140,13 @@ def leverage_scores(features: Float[Array, "*b n d"], rank: int | None = None, *
       rank    int in [1, min(N, D)]: rank-r leverage (traced inside: a rank sweep does not recompile).
               At full rank with N <= D every score is 1 (degenerate), so the rank is the method's real
               hyperparameter. SVD-Prune's method section could not be read here (only its abstract is
-              reachable); `prune(..., "svd")` defaults to rank = k clipped to min(N, D), the classic rank-k
-              leverage of column-subset selection (Boutsidis-Mahoney-Drineas), so the k kept rows are
-              scored against the k-dimensional subspace they are meant to span.
+              reachable); rank = k (`prune`'s rank="k") is the classic rank-k leverage of column-subset
+              selection (Boutsidis-Mahoney-Drineas): the k kept rows scored against the k-dimensional
+              subspace they are meant to span.
       energy  fraction eps in (0, 1]: per image, the smallest r whose leading singular values hold eps of
               sum(s^2) (first direction reaching eps kept). Summaries and a third-party reimplementation
-              describe SVD-Prune this way (eps = 0.9): the likely reading of the paper. Static 0/1 mask over
+              describe SVD-Prune this way (eps = 0.9): the likely reading of the paper, and `prune`'s default
+              (centred; `pruning.SVD_DEFAULTS` says what the evidence was). Static 0/1 mask over
               directions, so jit/vmap work and nothing recompiles when r (or eps) changes; eps = 1 keeps
               every resolved direction.
     center: subtract the mean token first (PCA leverage). Default False: the paper decomposes the raw

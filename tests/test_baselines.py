@@ -60,15 +60,24 @@ def ref_lrcp(x, rank):
     return ((xc - xc @ v.T @ v) ** 2).sum(1)
 
 
-@pytest.mark.parametrize("method", ["norm", "cls_attention", "lrcp", "svd"])
-def test_score_rules_match_numpy(method):
+def ref_energy_leverage(x, energy):
+    """Leverage of the centred tokens at the fewest directions whose s^2 reach `energy` of the total."""
+    u, s, _ = np.linalg.svd(np.asarray(x, np.float64) - x.mean(0), full_matrices=False)
+    rank = int(np.searchsorted(np.cumsum(s ** 2) / (s ** 2).sum(), energy)) + 1
+    return (u[:, :rank] ** 2).sum(1)
+
+
+@pytest.mark.parametrize("method, options", [("norm", {}), ("cls_attention", {}), ("lrcp", {}),
+                                             ("svd", dict(rank="k", center=False)), ("svd", {})])
+def test_score_rules_match_numpy(method, options):
     x, attn = data()
-    kept, idx = sp.prune(x, 9, method, cls_attention=attn)
+    kept, idx = sp.prune(x, 9, method, cls_attention=attn, **options)
     for b in range(2):
         scores = {"norm": lambda: np.linalg.norm(x[b].astype(np.float64), axis=1),
                   "cls_attention": lambda: attn[b],
                   "lrcp": lambda: ref_lrcp(x[b], 4),
-                  "svd": lambda: (np.linalg.svd(x[b].astype(np.float64))[0][:, :9] ** 2).sum(1)}[method]()
+                  "svd": lambda: ((np.linalg.svd(x[b].astype(np.float64))[0][:, :9] ** 2).sum(1) if options
+                                  else ref_energy_leverage(x[b], sp.SVD_DEFAULTS["energy"]))}[method]()
         np.testing.assert_array_equal(idx[b], top_k(scores, 9))
         np.testing.assert_array_equal(kept[b], x[b][idx[b]])
 

@@ -98,3 +98,13 @@ def test_run_on_a_mesh_answers_as_one_device(model_dir, tmp_path, capsys):
         cli.main(["run", "--model", str(model_dir), "--mesh", "2x1"])
     with pytest.raises(SystemExit, match="--coordinator, --num-processes and --process-id go together"):
         cli.main(["--coordinator", "localhost:1234", "run", "--model", str(model_dir)])
+
+
+def test_run_without_arguments_answers_the_bundled_example(tmp_path, monkeypatch, capsys):
+    """The README's main job: the bundled model, image and question, SVD-Prune at 64/576 of its tokens."""
+    monkeypatch.chdir(tmp_path)  # the picture goes to the working directory
+    out = run_json(capsys)
+    assert (tmp_path / f"kept_tokens_svd_{out['keep']}.png").is_file()
+    example = json.loads((cli.ASSETS / "example.json").read_text())
+    assert out["method"] == "svd" and out["keep"] == round(64 / 576 * out["image_tokens"])
+    assert out["question"] == example["question"] and out["answer"] == example["answer"]

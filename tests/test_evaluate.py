@@ -1,8 +1,9 @@
-"""`svdprune-jax eval synthetic|gqa|textvqa` end to end on a tiny random model, and the pieces it adds:
-object recall, the oracle, random over seeds, batch filling, RGB conversion, resume.
+"""`svdprune-jax eval synthetic|gqa|textvqa` end to end, and the pieces it adds: object recall, the oracle,
+random over seeds, batch filling, RGB conversion, resume. The synthetic sweep runs on a tiny random model; GQA
+and TextVQA run on fixtures in their official formats with the bundled model, whose answers are mostly right.
 
-Every model run uses batch 4, 3 new tokens and budgets 50 / 3 of the tiny model's 100 image tokens, so the
-runs share their compiled programs (each method x budget compiles once per test session)."""
+Every model run uses batch 4, 3 new tokens and budgets 50 / 3 image tokens, so the runs share their compiled
+programs (each method x budget compiles once per test session)."""
 import csv
 import json
 import logging
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from app import eval_synthetic, evaluate
-from app.bundled import SCENES
+from app.bundled import MODEL_DIR, SCENES
 from app.eval_harness import read_results, results_path
 from app.methods import parse
 from app.stats import mcnemar_exact
@@ -22,7 +23,9 @@ from svdprune_jax import budget_buckets
 from tiny_bundled import tiny_model_dir
 
 SCENE = SCENES["tiny"]  # 80 px, patch 8: 100 image tokens
+BUNDLED = SCENES["bundled"]  # 112 px, patch 8: 196 image tokens
 RUN = ["--batch", "4", "--max-new-tokens", "3"]
+CHAT = ["--prompt-template", "USER: <image>\n{question} ASSISTANT:"]  # the bundled model's training prompt
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +138,8 @@ def test_adaptive_spec_answers_each_image_at_its_budget():
     runs = eval_synthetic.sweep(pipe, test, ["svd:adaptive=0.9", "norm"], ["50%"], seeds=1, batch=4)
     assert set(pipe.batches) == {4}
     # images 0, 3, 6, 9 keep 7 tokens, 1, 4, 7, 10 keep 13, 2, 5, 8 keep 25: 4 + 4 + 3 questions, a batch each
-    timed = [(m, k) for m, k in zip(pipe.methods, pipe.keeps) if m == "svd:center=true:energy=0.9"]
-    assert sorted(timed) == sorted([("svd:center=true:energy=0.9", k) for k in (7, 7, 13, 13, 25, 25)])
+    timed = [(m, k) for m, k in zip(pipe.methods, pipe.keeps) if m == "svd"]
+    assert sorted(timed) == sorted([("svd", k) for k in (7, 7, 13, 13, 25, 25)])
     adaptive = runs[1]
     assert adaptive.method == "svd:adaptive=0.9" and adaptive.keep == 50
     np.testing.assert_array_equal(adaptive.tokens, [(7, 13, 25)[i % 3] for i in range(11)])
@@ -151,7 +154,7 @@ def test_mcnemar_against_the_best_other_method():
     """svd specs are tested against the most accurate non-svd, non-oracle row at each budget (random: seed 0)."""
     n = 40
     rng = np.random.default_rng(0)
-    answers = {m: rng.random(n) < p for m, p in [("svd", 0.6), ("svd:energy=0.9", 0.5), ("norm", 0.4),
+    answers = {m: rng.random(n) < p for m, p in [("svd", 0.6), ("svd:rank=k", 0.5), ("norm", 0.4),
                                                  ("random", 0.7), ("oracle", 0.95)]}
     runs = [eval_synthetic.Run(parse(m, eval_synthetic.METHODS + ("full",)), "5", 5, seed, answers[m] if seed == 0
                                else ~answers[m], np.full(n, 5), None, None, 0.0)
@@ -159,7 +162,7 @@ def test_mcnemar_against_the_best_other_method():
     rows = eval_synthetic.summarize(runs, np.array(["colour"] * n))
     by = {r["method"]: r for r in rows}
     best = max(("norm", "random"), key=lambda m: by[m]["accuracy"])
-    for m in ("svd", "svd:energy=0.9"):
+    for m in ("svd", "svd:rank=k"):
         assert by[m]["mcnemar_vs"] == best
         assert by[m]["mcnemar_p"] == mcnemar_exact(answers[m], answers[best])
     assert by["norm"]["mcnemar_p"] is None and by["oracle"]["mcnemar_vs"] is None
@@ -167,7 +170,7 @@ def test_mcnemar_against_the_best_other_method():
 
 
 @pytest.mark.parametrize("methods, message", [
-    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:rank=k"], "are the same; give each once"),
+    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:energy=0.9"], "are the same; give each once"),
     (["full"], "unknown method 'full'"), (["svd:eps=2"], "svd takes no option 'eps'"),
     (["oracle:rank=2"], "oracle takes no option 'rank'")])
 def test_sweep_refuses_bad_methods(methods, message):
@@ -241,7 +244,7 @@ def test_pipeline_adaptive_specs(model_dir):
         pipe.answer([image], ["q"], method="oracle", keep=10)
 
 
-# ---- GQA / TextVQA end to end on fixtures in the official formats
+# ---- GQA / TextVQA end to end on fixtures in the official formats, with the bundled model
 
 def _save(image, path, mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,7 @@ def write_gqa(root, n=6):
     """GQA testdev-balanced format from the synthetic generator; the last image grayscale, one image missing."""
     questions = {}
     for i, seed in enumerate(split_seeds("test", n)):
-        s = make_sample(seed, SCENE)
+        s = make_sample(seed, BUNDLED)
         questions[f"q{i}"] = dict(imageId=f"n{i}", question=s.question, answer=s.answer.lower(), isBalanced=True,
                                   fullAnswer=f"It is {s.answer}.", types={"structural": "query"})
         _save(s.image, root / "images" / f"n{i}.jpg", "L" if i == n - 1 else "RGB")
@@ -265,7 +268,7 @@ def write_textvqa(root, n=6):
     """TextVQA val format (10 human answers) from the generator; one entry has no answers."""
     data = []
     for i, seed in enumerate(split_seeds("test", n)):
-        s = make_sample(seed, SCENE)
+        s = make_sample(seed, BUNDLED)
         data.append(dict(question_id=100 + i, image_id=f"t{i}", question=s.question, set_name="val",
                          answers=[s.answer] * 7 + ["unanswerable"] * 3, image_classes=["Sign"]))
         _save(s.image, root / "train_images" / f"t{i}.jpg")
@@ -274,14 +277,15 @@ def write_textvqa(root, n=6):
     return root
 
 
-def test_eval_gqa_end_to_end_and_resume(model_dir, tmp_path, capsys, caplog):
+def test_eval_gqa_end_to_end_and_resume(tmp_path, capsys, caplog):
     data, out = write_gqa(tmp_path / "gqa"), tmp_path / "out"
-    argv = ["gqa", "--data", str(data), "--model", str(model_dir), "--methods", "svd", "--keep", "50",
-            "--out", str(out), *RUN]
+    argv = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd", "--keep", "50",
+            "--out", str(out), *RUN, *CHAT]
     with caplog.at_level(logging.WARNING):
         rows = evaluate.main(argv)
     assert "skipping question lost" in caplog.text and "n5.jpg is L; converted to RGB" in caplog.text
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1), ("svd", 50, 6, 1)]
+    assert rows[0].accuracy_pct >= 50  # real answers scored: the bundled model knows these scenes
     table = read_csv(out / "summary.csv")
     assert [(r["method"], r["budget"]) for r in table] == [("full", "all"), ("svd", "50")]
     assert (out / "summary.png").is_file() and "accuracy %" in capsys.readouterr().out
@@ -298,24 +302,32 @@ def test_eval_gqa_end_to_end_and_resume(model_dir, tmp_path, capsys, caplog):
     assert {q: r["prediction"] for q, r in read_results(path).items()} == \
         {q: r["prediction"] for q, r in answered.items()}  # the lost answers were given again, the same
     assert [r["accuracy_pct"] for r in read_csv(out / "summary.csv")] == [r["accuracy_pct"] for r in table]
+    with pytest.raises(ValueError, match="other settings \\(prompt_template"):  # LLaVA's eval prompt: refused
+        evaluate.main(argv[:-len(CHAT)])
 
 
-def test_eval_textvqa_end_to_end(model_dir, tmp_path, caplog):
+def test_eval_textvqa_end_to_end(tmp_path, caplog):
     data, out = write_textvqa(tmp_path / "textvqa"), tmp_path / "out"
     with caplog.at_level(logging.WARNING):
-        rows = evaluate.main(["textvqa", "--data", str(data), "--model", str(model_dir), "--methods", "svd",
-                              "--keep", "50", "--limit", "5", "--out", str(out), *RUN])
+        rows = evaluate.main(["textvqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd",
+                              "--keep", "50", "--limit", "5", "--out", str(out), *RUN, *CHAT])
     assert "skipping question 999: no answers" in caplog.text
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 5, 1), ("svd", 50, 5, 1)]
     for method, budget in (("full", None), ("svd", 50)):
         results = read_results(results_path(out, method, budget))
         assert sorted(results) == ["100", "101", "102", "103", "104"]
         assert all(0 <= r["score"] <= 1 for r in results.values())
+    # 7 of 10 humans gave the sample's answer: a right prediction scores min(7/3, 1) = 1 on every subset
+    fixture = json.loads((data / "TextVQA_0.5.1_val.json").read_text())["data"]
+    truth = {str(d["question_id"]): d["answers"][0] for d in fixture if d["answers"]}
+    full = read_results(results_path(out, "full", None))
+    assert all(r["score"] == float(r["prediction"].lower() == truth[q].lower()) for q, r in full.items())
+    assert rows[0].accuracy_pct >= 50
 
 
-def test_eval_vqa_bad_input(model_dir, tmp_path):
+def test_eval_vqa_bad_input(tmp_path):
     data = write_gqa(tmp_path / "gqa")
-    base = ["gqa", "--data", str(data), "--model", str(model_dir), "--out", str(tmp_path / "out"), *RUN]
+    base = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--out", str(tmp_path / "out"), *RUN]
     with pytest.raises(ValueError, match="1 bad gqa entries.*lost: missing image file"):
         evaluate.main(base + ["--strict"])
     (data / "testdev_balanced_questions.json").write_text(json.dumps(
@@ -324,5 +336,5 @@ def test_eval_vqa_bad_input(model_dir, tmp_path):
         evaluate.main(base + ["--no-convert-rgb", "--methods", "svd", "--keep", "50"])
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.main(base + ["--methods", "full"])
-    with pytest.raises(ValueError, match="keep 101 outside"):
-        evaluate.main(base + ["--methods", "svd", "--keep", "101"])
+    with pytest.raises(ValueError, match="keep 197 outside"):
+        evaluate.main(base + ["--methods", "svd", "--keep", "197"])

@@ -107,10 +107,10 @@ def test_projector_matrix_scores_the_projector_outputs(base):
     order = np.argsort(-lev, axis=1)
     gap = np.take_along_axis(lev, order[:, k - 1:k], 1) - np.take_along_axis(lev, order[:, k:k + 1], 1)
     assert gap.min() > 1e-4  # no near-tie at the cut: float32 must find the same set
-    embeds, kept = model.encode_images(jnp.asarray(px), Pruning("svd", k, (("rank", rank),), "projector"))
+    embeds, kept = model.encode_images(jnp.asarray(px), Pruning("svd", k, (("center", False), ("rank", rank)), "projector"))
     np.testing.assert_array_equal(kept, np.sort(order[:, :k], axis=1))
     np.testing.assert_allclose(embeds, np.take_along_axis(proj, np.asarray(kept)[..., None], 1), atol=1e-5)
-    _, kept_tower = model.encode_images(jnp.asarray(px), Pruning("svd", k, (("rank", rank),)))
+    _, kept_tower = model.encode_images(jnp.asarray(px), Pruning("svd", k, (("center", False), ("rank", rank))))
     assert not np.array_equal(kept, kept_tower)  # the choice of matrix matters on these features
     buckets = (2, 4, 8, 16)
     got = adaptive_keep(graphdef, state, px, 0.6, buckets, matrix="projector", rule=(("energy", 0.9), ("center", True)))

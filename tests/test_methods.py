@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import svdprune_jax as sp
-from app.methods import ADAPTIVE_RULE, MethodSpec, parse, parse_list
+from app.methods import MethodSpec, parse, parse_list
 from app.pipeline import METHODS
 from models.llava import Pruning
 
@@ -12,15 +12,15 @@ ALLOWED = (*METHODS, "oracle")
 
 
 @pytest.mark.parametrize("text, method, options, matrix, adaptive", [
-    ("svd", "svd", dict(rank="k", center=False, solver="auto", merge=False), "tower", None),
-    ("svd:merge=true", "svd", dict(rank="k", center=False, solver="auto", merge=True), "tower", None),
-    ("svd:energy=0.9", "svd", dict(energy=0.9, center=False, solver="auto", merge=False), "tower", None),
-    ("svd:r=8:center=true", "svd", dict(rank=8, center=True, solver="auto", merge=False), "tower", None),
-    ("svd:center=TRUE:solver=gram", "svd", dict(rank="k", center=True, solver="gram", merge=False), "tower", None),
-    ("svd:matrix=projector", "svd", dict(rank="k", center=False, solver="auto", merge=False), "projector", None),
-    ("svd:adaptive=0.9", "svd", dict(ADAPTIVE_RULE, solver="auto", merge=False), "tower", 0.9),
+    ("svd", "svd", dict(energy=0.9, center=True, solver="auto", merge=False), "tower", None),
+    ("svd:merge=true", "svd", dict(energy=0.9, center=True, solver="auto", merge=True), "tower", None),
+    ("svd:energy=0.5", "svd", dict(energy=0.5, center=True, solver="auto", merge=False), "tower", None),
+    ("svd:r=8:center=false", "svd", dict(rank=8, center=False, solver="auto", merge=False), "tower", None),
+    ("svd:rank=k:center=FALSE:solver=gram", "svd", dict(rank="k", center=False, solver="gram", merge=False), "tower", None),
+    ("svd:matrix=projector", "svd", dict(energy=0.9, center=True, solver="auto", merge=False), "projector", None),
+    ("svd:adaptive=0.9", "svd", dict(energy=0.9, center=True, solver="auto", merge=False), "tower", 0.9),
     ("svd:adaptive=1:center=false", "svd", dict(energy=0.9, center=False, solver="auto", merge=False), "tower", 1.0),
-    ("svd:adaptive=0.8:rank=3", "svd", dict(rank=3, center=False, solver="auto", merge=False), "tower", 0.8),
+    ("svd:adaptive=0.8:rank=3", "svd", dict(rank=3, center=True, solver="auto", merge=False), "tower", 0.8),
     ("lrcp", "lrcp", dict(rank=4, solver="auto", merge=False), "tower", None),
     ("lrcp:r=2:matrix=projector", "lrcp", dict(rank=2, solver="auto", merge=False), "projector", None),
     ("visionzip:contextual=3", "visionzip", dict(contextual=3), "tower", None),
@@ -73,30 +73,32 @@ def test_allowed_depends_on_the_command():
 
 
 def test_sameness_ignores_spelling_and_lists_split_on_commas():
-    specs = parse_list(["svd,svd:energy=0.9", "lrcp:r=2"], ALLOWED)
-    assert [s.text for s in specs] == ["svd", "svd:energy=0.9", "lrcp:r=2"]
-    assert parse("svd", ALLOWED) == parse("svd:rank=k:center=false:solver=auto", ALLOWED)
+    specs = parse_list(["svd,svd:energy=0.5", "lrcp:r=2"], ALLOWED)
+    assert [s.text for s in specs] == ["svd", "svd:energy=0.5", "lrcp:r=2"]
+    assert parse("svd", ALLOWED) == parse("svd:energy=0.9:center=true:solver=auto", ALLOWED)
     assert parse("lrcp", ALLOWED) == parse("lrcp:r=4", ALLOWED) != parse("lrcp:matrix=projector", ALLOWED)
-    with pytest.raises(ValueError, match="method specs 'svd' and 'svd:rank=k' are the same; give each once"):
-        parse_list(["svd", "svd:rank=k"], ALLOWED)
+    with pytest.raises(ValueError, match="method specs 'svd' and 'svd:energy=0.9:center=true' are the same"):
+        parse_list(["svd", "svd:energy=0.9:center=true"], ALLOWED)
+    assert len(parse_list(["svd", "svd:rank=k"], ALLOWED)) == 2  # rank = k is not the default rule
 
 
 def test_fixed_form_of_an_adaptive_spec():
     fixed = parse("svd:adaptive=0.9", ALLOWED).fixed()
-    assert fixed.adaptive is None and fixed == parse("svd:energy=0.9:center=true", ALLOWED)
-    assert fixed.text == "svd:center=true:energy=0.9"
+    assert fixed.adaptive is None and fixed == parse("svd", ALLOWED) and fixed.text == "svd"
+    assert parse("svd:adaptive=0.9:center=false", ALLOWED).fixed().text == "svd:center=false"
     assert parse("svd:matrix=projector:adaptive=0.5:r=3", ALLOWED).fixed().text == "svd:rank=3:matrix=projector"
 
 
 def test_pruning_at_a_budget_reaches_prune():
-    spec = parse("svd:center=true:matrix=projector", ALLOWED)
-    assert spec.pruning(7) == Pruning("svd", 7, (("center", True), ("merge", False), ("solver", "auto")), "projector")
+    spec = parse("svd:center=false:matrix=projector", ALLOWED)
+    assert spec.pruning(7) == Pruning("svd", 7, (("center", False), ("energy", 0.9), ("merge", False), ("solver", "auto")),
+                                      "projector")
     x = np.random.default_rng(0).standard_normal((2, 30, 20)).astype(np.float32)
     for text, direct in [("svd:energy=0.5:center=true", dict(energy=0.5, center=True)), ("svd:r=6", dict(rank=6)), ("svd", dict()),
-                         ("lrcp:r=2", dict(rank=2)), ("svd:rank=k", dict()), ("norm:merge=true", dict(merge=True))]:
+                         ("lrcp:r=2", dict(rank=2)), ("svd:rank=k", dict(rank="k")), ("norm:merge=true", dict(merge=True))]:
         s = parse(text, ALLOWED)
         for k in (6, 25):  # 25 > D: rank = k clipped to D
-            np.testing.assert_array_equal(sp.prune(x, k, s.method, **dict(s.prune_options(k)))[1],
+            np.testing.assert_array_equal(sp.prune(x, k, s.method, **dict(s.options))[1],
                                           sp.prune(x, k, s.method, **direct)[1])
 
 
@@ -104,7 +106,7 @@ def test_check_against_the_matrix_size():
     parse("svd:rank=20", ALLOWED).check(30, 20, 5)
     with pytest.raises(ValueError, match=r"rank must be an int in \[1, min\(N, D\)=20\]; got 21"):
         parse("svd:rank=21", ALLOWED).check(30, 20, 5)
-    parse("svd:rank=k", ALLOWED).check(30, 20, 25)  # rank = the budget clipped to min(N, D), as prune's default
+    parse("svd:rank=k", ALLOWED).check(30, 20, 25)  # rank = the budget clipped to min(N, D), as in prune
     with pytest.raises(ValueError, match="contextual must be an int"):
         parse("visionzip:contextual=5", ALLOWED).check(30, 20, 5)
     parse("svd:adaptive=0.9", ALLOWED).check(30, 20, 5)

@@ -36,10 +36,10 @@ def low_rank_plus_noise(seed):
 
 
 def test_svd_selection_leaves_smaller_residual_than_random_and_norm():
-    """k = 8 = signal rank, measured on 8 matrices: SVD beats random on each (random: mean over 10 keys)
+    """Rank-k leverage at k = 8 = signal rank, measured on 8 matrices: SVD beats random on each (random: mean over 10 keys)
     and both on average. Norm can win on single matrices (it did on 3 of these 8), so no per-matrix claim."""
     xs = np.stack([low_rank_plus_noise(seed) for seed in range(8)])
-    picks = {m: np.asarray(sp.prune(xs, 8, m)[1]) for m in ("svd", "norm")}
+    picks = {m: np.asarray(sp.prune(xs, 8, m, **o)[1]) for m, o in (("svd", dict(rank="k", center=False)), ("norm", {}))}
     rand = jax.vmap(lambda key: sp.prune(xs, 8, "random", key=key)[1])(jax.random.split(jax.random.key(0), 10))
     r_svd, r_norm = ([residual(x, i) for x, i in zip(xs, picks[m])] for m in ("svd", "norm"))
     r_rand = [np.mean([residual(x, i) for i in rand[:, b]]) for b, x in enumerate(xs)]

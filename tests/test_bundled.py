@@ -1,0 +1,68 @@
+"""The bundled model (app/assets/model): it knows its benchmark unpruned, and transformers' PyTorch LLaVA reads
+the shipped files to the same answers as ours."""
+import numpy as np
+import pytest
+
+from app.bundled import MODEL_DIR, SCENES
+from app.eval_synthetic import load_test_set
+from app.pipeline import Pipeline, expand
+
+N_ACCURACY = 300  # the fixed test subset: the first 300 test-split seeds
+N_TRANSFORMERS = 12
+BATCH = 50
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return load_test_set(N_ACCURACY, SCENES["bundled"])
+
+
+def test_shipped_files_fit_the_budget():
+    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+@pytest.fixture(scope="module")
+def unpruned_hits(pipe, test_set):
+    texts = []
+    for i in range(0, len(test_set), BATCH):
+        answers, _ = pipe.answer(test_set.images[i:i + BATCH], test_set.questions[i:i + BATCH], method="full",
+                                 max_new_tokens=3)
+        texts += [a.text for a in answers]
+    hits = np.array(texts) == np.array(test_set.answers)
+    return hits, {f: hits[test_set.families == f].mean().round(3) for f in sorted(set(test_set.families))}
+
+
+def test_unpruned_accuracy_floor(unpruned_hits):
+    """The shipped model measured 0.793 on this subset (0.791 on the whole test split): a regression guard."""
+    hits, by_family = unpruned_hits
+    assert hits.mean() >= 0.77, (hits.mean(), by_family)
+    assert min(by_family[f] for f in ("count", "presence", "read")) >= 0.9, by_family
+
+
+@pytest.mark.xfail(strict=True, reason="issue 5: the shipped model does not yet use the quadrant (README, training)")
+def test_unpruned_accuracy_at_least_90_percent(unpruned_hits):
+    hits, by_family = unpruned_hits
+    assert hits.mean() >= 0.9, (hits.mean(), by_family)
+
+
+def test_transformers_answers_equal_ours(pipe, test_set):
+    torch = pytest.importorskip("torch")
+    from transformers import LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
+    images, questions = test_set.images[:N_TRANSFORMERS], test_set.questions[:N_TRANSFORMERS]
+    ours, _ = pipe.answer(images, questions, method="full", max_new_tokens=3)
+    n = pipe.num_image_tokens
+    for image, question, answer in zip(images, questions, ours):
+        ids = torch.tensor([expand(pipe.prompt_ids(question), pipe.config.image_token_id, n)])
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              pixel_values=torch.from_numpy(pipe.pixel_values([image])), max_new_tokens=3,
+                              do_sample=False)
+        assert out[0, ids.shape[1]:].tolist() == answer.token_ids, question
+    assert np.mean([a.text == t for a, t in zip(ours, test_set.answers)]) > 0.5  # the answers compared mean something
