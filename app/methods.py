@@ -2,7 +2,7 @@
 
     METHOD[:NAME=VALUE[:NAME=VALUE...]]      several specs in a list are separated by commas
 
-    svd                      SVD-Prune as `prune` defaults it (`svdprune_jax.SVD_DEFAULTS`: energy=0.9 on centred
+    svd                      SVD-Prune as `prune` defaults it (`svdprune_jax.SVD_DEFAULTS`: energy=0.95 on centred
                              tokens, tower features)
     svd:energy=0.5           rank chosen per image: the first singular directions holding 50% of sum(s^2)
     svd:rank=8, svd:r=8      a fixed rank; svd:rank=k is the budget clipped to min(N, D) (classic rank-k leverage)

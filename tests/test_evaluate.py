@@ -170,7 +170,7 @@ def test_mcnemar_against_the_best_other_method():
 
 
 @pytest.mark.parametrize("methods, message", [
-    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:energy=0.9"], "are the same; give each once"),
+    (["svd", "nope"], "unknown method 'nope'"), (["svd", "svd:energy=0.95"], "are the same; give each once"),
     (["full"], "unknown method 'full'"), (["svd:eps=2"], "svd takes no option 'eps'"),
     (["oracle:rank=2"], "oracle takes no option 'rank'")])
 def test_sweep_refuses_bad_methods(methods, message):

@@ -12,14 +12,14 @@ ALLOWED = (*METHODS, "oracle")
 
 
 @pytest.mark.parametrize("text, method, options, matrix, adaptive", [
-    ("svd", "svd", dict(energy=0.9, center=True, solver="auto", merge=False), "tower", None),
-    ("svd:merge=true", "svd", dict(energy=0.9, center=True, solver="auto", merge=True), "tower", None),
+    ("svd", "svd", dict(energy=0.95, center=True, solver="auto", merge=False), "tower", None),
+    ("svd:merge=true", "svd", dict(energy=0.95, center=True, solver="auto", merge=True), "tower", None),
     ("svd:energy=0.5", "svd", dict(energy=0.5, center=True, solver="auto", merge=False), "tower", None),
     ("svd:r=8:center=false", "svd", dict(rank=8, center=False, solver="auto", merge=False), "tower", None),
     ("svd:rank=k:center=FALSE:solver=gram", "svd", dict(rank="k", center=False, solver="gram", merge=False), "tower", None),
-    ("svd:matrix=projector", "svd", dict(energy=0.9, center=True, solver="auto", merge=False), "projector", None),
-    ("svd:adaptive=0.9", "svd", dict(energy=0.9, center=True, solver="auto", merge=False), "tower", 0.9),
-    ("svd:adaptive=1:center=false", "svd", dict(energy=0.9, center=False, solver="auto", merge=False), "tower", 1.0),
+    ("svd:matrix=projector", "svd", dict(energy=0.95, center=True, solver="auto", merge=False), "projector", None),
+    ("svd:adaptive=0.9", "svd", dict(energy=0.95, center=True, solver="auto", merge=False), "tower", 0.9),
+    ("svd:adaptive=1:center=false", "svd", dict(energy=0.95, center=False, solver="auto", merge=False), "tower", 1.0),
     ("svd:adaptive=0.8:rank=3", "svd", dict(rank=3, center=True, solver="auto", merge=False), "tower", 0.8),
     ("lrcp", "lrcp", dict(rank=4, solver="auto", merge=False), "tower", None),
     ("lrcp:r=2:matrix=projector", "lrcp", dict(rank=2, solver="auto", merge=False), "projector", None),
@@ -75,10 +75,10 @@ def test_allowed_depends_on_the_command():
 def test_sameness_ignores_spelling_and_lists_split_on_commas():
     specs = parse_list(["svd,svd:energy=0.5", "lrcp:r=2"], ALLOWED)
     assert [s.text for s in specs] == ["svd", "svd:energy=0.5", "lrcp:r=2"]
-    assert parse("svd", ALLOWED) == parse("svd:energy=0.9:center=true:solver=auto", ALLOWED)
+    assert parse("svd", ALLOWED) == parse("svd:energy=0.95:center=true:solver=auto", ALLOWED)
     assert parse("lrcp", ALLOWED) == parse("lrcp:r=4", ALLOWED) != parse("lrcp:matrix=projector", ALLOWED)
-    with pytest.raises(ValueError, match="method specs 'svd' and 'svd:energy=0.9:center=true' are the same"):
-        parse_list(["svd", "svd:energy=0.9:center=true"], ALLOWED)
+    with pytest.raises(ValueError, match="method specs 'svd' and 'svd:energy=0.95:center=true' are the same"):
+        parse_list(["svd", "svd:energy=0.95:center=true"], ALLOWED)
     assert len(parse_list(["svd", "svd:rank=k"], ALLOWED)) == 2  # rank = k is not the default rule
 
 
@@ -91,7 +91,7 @@ def test_fixed_form_of_an_adaptive_spec():
 
 def test_pruning_at_a_budget_reaches_prune():
     spec = parse("svd:center=false:matrix=projector", ALLOWED)
-    assert spec.pruning(7) == Pruning("svd", 7, (("center", False), ("energy", 0.9), ("merge", False), ("solver", "auto")),
+    assert spec.pruning(7) == Pruning("svd", 7, (("center", False), ("energy", 0.95), ("merge", False), ("solver", "auto")),
                                       "projector")
     x = np.random.default_rng(0).standard_normal((2, 30, 20)).astype(np.float32)
     for text, direct in [("svd:energy=0.5:center=true", dict(energy=0.5, center=True)), ("svd:r=6", dict(rank=6)), ("svd", dict()),
