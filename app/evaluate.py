@@ -28,7 +28,7 @@ from app import eval_harness, eval_synthetic, vqa_data
 from app.bundled import MODEL_DIR
 from app.methods import parse_list
 from app.pictures import accuracy_plot
-from app.pipeline import CHAT_TEMPLATE, METHODS, Pipeline, read_image
+from app.pipeline import CHAT_TEMPLATE, METHODS, Pipeline, check_template, read_image
 from app.stats import RESAMPLES
 from models import sharding
 
@@ -93,8 +93,7 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
                         f"{CHAT_TEMPLATE!r})")
     p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     args = p.parse_args(argv)
-    if "{question}" not in args.prompt_template:
-        raise ValueError(f"--prompt-template must hold {{question}}: {args.prompt_template!r}")
+    check_template(args.prompt_template)  # before any work; `Pipeline.prompt_ids` checks it on every use
     specs = parse_list(args.methods, VQA_METHODS)
     adaptive = [s.text for s in specs if s.adaptive is not None]
     if adaptive:

@@ -99,6 +99,7 @@ class Pipeline:
         return np.asarray(self.processor(images=list(images), return_tensors="np")["pixel_values"], np.float32)
 
     def prompt_ids(self, question: str, template: str = CHAT_TEMPLATE) -> list[int]:
+        check_template(template)
         ids = self.tokenizer(template.format(question=question))["input_ids"]
         if ids.count(self.config.image_token_id) != 1:
             raise ValueError(f"the prompt template must hold exactly one image token: {template!r}")
@@ -144,6 +145,12 @@ class Pipeline:
             answers.append(Answer(self.tokenizer.decode(generated, skip_special_tokens=True).strip(), generated,
                                   prompt, None if kept is None else kept[i].tolist()))
         return answers, out.timings
+
+
+def check_template(template: str) -> None:
+    """A prompt template must place the question; its image token is checked against the tokenizer in `prompt_ids`."""
+    if "{question}" not in template:
+        raise ValueError(f"the prompt template must hold {{question}}: {template!r}")
 
 
 def expand(prompt_ids: list[int], image_token_id: int, n: int) -> list[int]:
