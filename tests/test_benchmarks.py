@@ -2,7 +2,7 @@
 one table covering items 1-4 with ours and the reference on every ratio row, and no recompilation."""
 import json
 
-from benchmarks import run, scoring
+from benchmarks import run, scoring, tower_profile
 
 
 def test_smoke_writes_one_table(tmp_path):
@@ -21,3 +21,15 @@ def test_scoring_selectors_are_valid_method_specs():
     """benchmarks.scoring times these specs; a typo would only show when the benchmark runs."""
     for text in scoring.SELECTORS:
         scoring.parse(text, scoring.sp.METHODS)
+
+
+def test_tower_profile_smoke(tmp_path):
+    """One encoder layer, ours vs transformers on the same weights: equal outputs, every part timed on both
+    sides, and the XLA kernel account names the layer's GEMMs."""
+    tower_profile.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "tower_profile.json").read_text())
+    assert data["max_abs_diff_layer"] < 1e-4
+    assert set(data["parts"]) == {"layer", "q/k/v/out projection", "fc1 + activation", "fc2", "attention core", "layer norm"}
+    assert all(p[side]["median"] > 0 for p in data["parts"].values() for side in ("ours", "torch"))
+    assert sum(k["what"].startswith("GEMM") for k in data["kernels"]) >= 4  # q, k, v, out, fc1, fc2 at least in part
+    assert "| attention core | 1 |" in (tmp_path / "tower_profile.md").read_text()
