@@ -40,10 +40,13 @@ def one_layer_preset(base: Preset) -> Preset:
 
 
 def jitted(module: nnx.Module, fn):
-    """fn(module, *args) under jit with the module split outside (params as arguments, as in inference)."""
+    """fn(module, *args) under jit with the module split outside (params as arguments, as in inference);
+    `.hlo(*args)` is the optimised HLO text of that same function."""
     graphdef, state = nnx.split(module)
     f = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))
-    return lambda *a: jax.block_until_ready(f(state, *a))
+    call = lambda *a: jax.block_until_ready(f(state, *a))
+    call.hlo = lambda *a: f.lower(state, *a).compile().as_text()
+    return call
 
 
 def parts(ours, theirs, x: np.ndarray, heads: int) -> dict[str, tuple]:
@@ -81,8 +84,9 @@ def kernel_profile(layer_fn, compiled_hlo: str, reps: int) -> list[dict]:
         jax.profiler.stop_trace()
         (trace,) = Path(d).glob("plugins/profile/*/perfetto_trace.json.gz")
         events = json.load(gzip.open(trace))["traceEvents"]
-    kernels = dict(re.findall(r"^\s*%?([\w.\-]+) = (\S+) fusion\(", compiled_hlo, re.M))
-    calls = dict(re.findall(r"^\s*%?([\w.\-]+) = \S+ fusion\(.*?calls=%?([\w.\-]+)", compiled_hlo, re.M))
+    fusions = re.findall(r"^\s*%?([\w.\-]+) = (\S+) fusion\(.*?calls=%?([\w.\-]+)", compiled_hlo, re.M)
+    kernels = {name: shape for name, shape, _ in fusions}
+    calls = {name: body for name, _, body in fusions}
     total: dict[str, float] = {}
     for e in events:
         if e.get("ph") == "X" and e["name"] in kernels:
@@ -127,9 +131,7 @@ def main(argv: list[str] | None = None):
         fns = {"layer": (lambda: layer(xj), lambda: theirs(xt, None), 1), **parts(ours, theirs, x, v["num_attention_heads"])}
         stats = interleaved({f"{k}/{side}": (lambda r, f=f: f()) for k, pair in fns.items()
                              for side, f in zip(("ours", "torch"), pair[:2])}, reps)
-    graphdef, state = nnx.split(ours)
-    hlo = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a)[0]).lower(state, xj).compile().as_text()
-    kernels = kernel_profile(lambda: layer(xj), hlo, reps)
+    kernels = kernel_profile(lambda: layer(xj), layer.hlo(xj), reps)
     counts = {k: pair[2] for k, pair in fns.items()}
     report = dict(geometry=f"{n} tokens x {v['hidden_size']}, {v['num_attention_heads']} heads, MLP {v['intermediate_size']}",
                   load=load(), torch_threads=torch.get_num_threads(), max_abs_diff_layer=diff,
