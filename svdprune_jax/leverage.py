@@ -4,7 +4,8 @@ For X (N x D) with thin SVD X = U S V^T, the rank-r leverage of token i is l_i =
 diagonal of the projector onto the top-r left singular subspace. 0 <= l_i <= 1, sum_i l_i = r.
 
 Solvers (all float32; each agrees with a float64 NumPy SVD where it resolves the spectrum):
-  "svd"         jnp.linalg.svd, thin. Accurate for any spectrum down to s_j ~ max(N, D) eps s_1.
+  "svd"         jnp.linalg.svd, thin (of the QR factor R^T when D >= 1.5 N). Accurate for any spectrum down
+                to s_j ~ max(N, D) eps s_1.
   "gram"        eigh of the smaller Gram matrix (X X^T when N <= D, else X^T X with U = X V S^-1). ~2x cheaper
                 on CPU, but forming the Gram squares the condition number: its float32 error grows like
                 eps (s_1/s_r)^2, measured >1e-3 relative once s_1/s_r > ~30 (uncentred features with a dominant
@@ -12,8 +13,8 @@ Solvers (all float32; each agrees with a float64 NumPy SVD where it resolves the
   "randomized"  Halko-Martinsson-Tropp range finder (rank + 10 columns, 2 power iterations, fixed key 0,
                 so deterministic) and an SVD of the small projected matrix. Rank mode only; approximate:
                 exact only when the spectrum has a clear gap after the rank (measured in tests).
-  "auto"        `AUTO_SOLVER` = "svd": benchmarks/scoring.py on CPU has "gram" faster but off by 1e-2 on a
-                CLIP-like (dominant-mean) spectrum at rank 64, so "svd" is the fastest solver accurate to 1e-4
+  "auto"        `AUTO_SOLVER` = "svd": benchmarks/scoring.py on CPU has "gram" faster but off by 5e-4 on a
+                CLIP-like (dominant-mean) spectrum at rank 64 and 0.6 with the cut in noise, so "svd" is the fastest solver accurate to 1e-4
                 everywhere. Not yet measured on GPU/TPU (jnp.linalg.svd is a known TPU weak spot,
                 jax-ml/jax#10052, #28315): run the benchmark there before changing the default.
 Directions at a solver's float32 noise floor (svd/randomized: s_j <= max(N, D) eps s_1; gram:
@@ -30,6 +31,10 @@ from jaxtyping import Array, Bool, Float
 from svdprune_jax import checks
 
 SOLVERS = ("auto", "svd", "gram", "randomized")
+# Wide matrices (D >= 1.5 N) are first reduced to N x N by a GEMM-rich QR: LAPACK's gesdd does this itself only
+# from D >= 11/6 N and otherwise bidiagonalises the whole wide matrix, mostly with matrix-vector products. On
+# this CPU: 576 x 1024 (LLaVA's features) 1.5x faster, 576 x 4096 2.4x; no gain below ~1.5 (benchmarks/scoring.py).
+QR_FIRST_RATIO = 1.5
 AUTO_SOLVER = "svd"  # what "auto" means: chosen by benchmarks/scoring.py (module docstring)
 LRCP_RANK = 4  # LRCP (arXiv 2605.15621) subspace rank; the LLaVA port's choice
 RANDOMIZED_OVERSAMPLE = 10
@@ -51,6 +56,8 @@ def spectrum(x: Float[Array, "*b n d"], solver: str, rank: int | None = None
     direction is above the solver's noise floor. m = min(N, D), or rank + oversampling for "randomized"."""
     n, d = x.shape[-2:]
     if solver == "svd":
+        if d >= QR_FIRST_RATIO * n:  # X^T = QR gives X = R^T Q^T: X's left singular vectors are R^T's
+            x = _t(jnp.linalg.qr(_t(x), mode="r"))
         u, s, _ = jnp.linalg.svd(x, full_matrices=False)
         return s * s, u, s > max(n, d) * _EPS * s[..., :1]
     if solver == "gram":
