@@ -2,20 +2,20 @@
 
     python -m benchmarks.run [--smoke] [--out DIR] [--reps N]
 
-Items (issue 7): 1 token scoring at LLaVA-1.5 geometry (576 x 1024), 2 end-to-end pruned generation (one
-image + a 20-token question -> 16 new tokens; unpruned and k = 64, 32, 16) with its stages, 3 language-model
-prefill against the FLOP-ideal ratio (also unpadded, and beside the time to read the weights once), 4 batch scaling, 5 peak RSS and compile time with and without JAX's
-persistent cache. The full preset is LLaVA-1.5-7B geometry with a 2-layer decoder (the whole CLIP
-ViT-L/14-336 tower, LLaMA 4096 / 32 heads / 11008, vocab 32064): the HF model is built in torch (float32, its
-own random init), saved, loaded into ours by `convert.load_model` and moved to the per-layer inference layout.
-Each figure is the median and min-max of `reps` runs after a warm-up, ours and the reference taking turns;
-inputs (image, question tokens, question length within one prompt bucket) change every run, and XLA
-compilations during the timed runs are counted (must be 0). The torch side prunes with the kept indices of
-our run on the same image (its own leverage scoring, torch.linalg.svd, is timed too) and generates from
-`inputs_embeds`. Beside the ratios: each part as a fraction of its roofline (tower vs the GEMM rate, decode
-vs memory bandwidth, both measured in the same run), per-layer decoder cost with a 32-layer estimate, the
-targets, and the stacked -> per-layer layout change. --smoke: tiny configs, one run each, seconds (CI; no
-layout comparison, no compile-cache processes).
+Items (issue 7): 1 token scoring at LLaVA-1.5 geometry (576 x 1024), 2 end-to-end pruned generation (one image + a
+20-token question -> 16 new tokens; unpruned and k = 64, 32, 16) with its stages, 3 language-model prefill against
+the FLOP-ideal ratio (also unpadded, and beside the time to read the weights once), 4 batch scaling, 5 peak RSS
+and compile time with and without JAX's persistent cache. The full preset is LLaVA-1.5-7B geometry with a 2-layer
+decoder (the whole CLIP ViT-L/14-336 tower, LLaMA 4096 / 32 heads / 11008, vocab 32064): the HF model is built in
+torch (float32, its own random init), saved, loaded into ours by `convert.load_model` and moved to the per-layer
+inference layout. Each figure is the median and min-max of `reps` runs after a warm-up, ours and the reference
+taking turns; inputs (image, question tokens, question length within one prompt bucket) change every run, and XLA
+compilations during the timed runs are counted (must be 0). The torch side prunes with the kept indices of our run
+on the same image (its own leverage scoring, torch.linalg.svd, is timed too) and generates from `inputs_embeds`.
+Beside the ratios: each part as a fraction of its roofline (tower vs the GEMM rate, decode vs memory bandwidth,
+both measured in the same run), per-layer decoder cost with a 32-layer estimate, the targets, and the stacked ->
+per-layer layout change. --smoke: tiny configs, one run each, seconds (CI; no layout comparison, no compile-cache
+processes).
 Writes DIR/bench.json and DIR/bench.md.
 """
 import os

@@ -14,9 +14,10 @@ Solvers (all float32; each agrees with a float64 NumPy SVD where it resolves the
                 so deterministic) and an SVD of the small projected matrix. Rank mode only; approximate:
                 exact only when the spectrum has a clear gap after the rank (measured in tests).
   "auto"        `AUTO_SOLVER` = "svd": benchmarks/scoring.py on CPU has "gram" faster but off by 5e-4 on a
-                CLIP-like (dominant-mean) spectrum at rank 64 and 0.6 with the cut in noise, so "svd" is the fastest solver accurate to 1e-4
-                everywhere. Not yet measured on GPU/TPU (jnp.linalg.svd is a known TPU weak spot,
-                jax-ml/jax#10052, #28315): run the benchmark there before changing the default.
+                CLIP-like (dominant-mean) spectrum at rank 64 and by 0.6 with the cut in noise, so "svd" is
+                the fastest solver accurate to 1e-4 everywhere. Not yet measured on GPU/TPU (jnp.linalg.svd
+                is a known TPU weak spot, jax-ml/jax#10052, #28315): run the benchmark there before changing
+                the default.
 Directions at a solver's float32 noise floor (svd/randomized: s_j <= max(N, D) eps s_1; gram:
 s_j^2 <= min(N, D) eps s_1^2) carry no information and are never counted, so a rank beyond the numerical
 rank of X gives scores summing to the numerical rank, not to arbitrary null-space directions.
@@ -33,7 +34,8 @@ from svdprune_jax import checks
 SOLVERS = ("auto", "svd", "gram", "randomized")
 # Wide matrices (D >= 1.5 N) are first reduced to N x N by a GEMM-rich QR: LAPACK's gesdd does this itself only
 # from D >= 11/6 N and otherwise bidiagonalises the whole wide matrix, mostly with matrix-vector products. On
-# this CPU: 576 x 1024 (LLaVA's features) 1.5x faster, 576 x 4096 2.4x; no gain below ~1.5 (benchmarks/scoring.py).
+# this CPU, one A/B each: 576 x 1024 (LLaVA's features) 1.5x faster, 576 x 4096 2.4x; no gain from 576 x 600 to
+# 576 x 896, where timings were within the noise.
 QR_FIRST_RATIO = 1.5
 AUTO_SOLVER = "svd"  # what "auto" means: chosen by benchmarks/scoring.py (module docstring)
 LRCP_RANK = 4  # LRCP (arXiv 2605.15621) subspace rank; the LLaVA port's choice
