@@ -559,8 +559,7 @@ def report(suite: Suite, cfg: LlavaConfig, machine: dict) -> tuple[str, dict]:
         ideal = prefill_flops(cfg, T) / prefill_flops(cfg, T0)
         ro, rt = s["ours"].median / pre[base]["ours"].median, s["torch"].median / pre[base]["torch"].median
         rx = s["ours_unpadded"].median / pre[base]["ours_unpadded"].median
-        prefill_rows[kk] = dict(tokens=T, flop_ratio=ideal, ours_ratio=ro, ours_unpadded_ratio=rx, torch_ratio=rt,
-                                weight_floor_s=floor, ours_s=s["ours"].median)
+        prefill_rows[kk] = dict(tokens=T, flop_ratio=ideal, ours_ratio=ro, ours_unpadded_ratio=rx, torch_ratio=rt)
         md.append(f"| {kk} | {T} | {ideal:.3f} | {ro:.3f} | {ro / ideal:.2f} | {rx / ideal:.2f} | {rt:.3f} | "
                   f"{rt / ideal:.2f} | {floor / s['ours'].median:.0%} |")
     pl = suite.extra.get("per_layer", {})
@@ -586,7 +585,7 @@ def report(suite: Suite, cfg: LlavaConfig, machine: dict) -> tuple[str, dict]:
     data = dict(preset=dataclasses.asdict(p), machine=machine, reps=suite.reps,
                 rows=[{k: (v.json() if isinstance(v, Stat) else v) for k, v in r.items()} | {"ratio": _ratio(r)}
                       for r in suite.rows],
-                fractions=fr, prefill=prefill_rows, targets=targets, **suite.extra)
+                fractions=fr, prefill=prefill_rows, prefill_weight_floor_s=floor, targets=targets, **suite.extra)
     return "\n".join(md) + "\n", data
 
 
