@@ -83,6 +83,11 @@ def all_questions() -> list[str]:
         ("presence", colour_shape)) for kw in fills})
 
 
+def training_questions() -> list[str]:
+    """`all_questions` and the training-only `QUADRANT_TEMPLATES` questions: every question training asks."""
+    return sorted({*all_questions(), *(t.format(quadrant=q) for t in QUADRANT_TEMPLATES.values() for q in QUADRANTS)})
+
+
 def make_sample(seed: int, cfg: SceneConfig = SceneConfig()) -> Sample:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")

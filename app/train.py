@@ -47,8 +47,9 @@ from transformers import GenerationConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from app.bundled import MODEL_DIR, PRESETS, SCENES
-from app.scene import COLOURS, GLYPHS, QUADRANTS, SHAPES, SceneConfig
-from app.synthetic import ANSWERS, FAMILIES, QUADRANT_TEMPLATES, all_questions, follow_ups, make_sample, split_seeds
+from app.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
+from app.synthetic import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
+                           training_questions)
 from app.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
 from convert import export_checkpoint, save_params
 from convert.checkpoint import UNUSED
@@ -78,8 +79,8 @@ class Stage:
     # Follow-ups: first up to `by_quadrant` quadrant-only questions (app.synthetic.quadrant_questions), then up
     # to `need_quadrant` colour/shape questions whose named attribute also occurs in another quadrant
     # (app.synthetic.scene_questions), then a spread over the families. Without the first kind, a decoder trained
-    # on pooled features, then the full grid, with needs-quadrant follow-ups (the first bundled recipe, 15,000
-    # steps) found objects by the named attribute alone: needs-quadrant colour and shape questions at 0.53-0.58
+    # on pooled features, then the full grid, with needs-quadrant follow-ups (the first bundled recipe, 10,100
+    # VQA steps) found objects by the named attribute alone: needs-quadrant colour and shape questions at 0.53-0.58
     # on training and validation scenes alike, and adding quadrant-only follow-ups to it for 300 steps moved
     # them from chance only to 0.33 (colour). A fresh decoder trained with them from the start answered
     # colour and shape questions at 0.62 and 0.60 after 500 steps (the old one: 0.53 after all of its).
@@ -175,8 +176,7 @@ def sequence_length(n_image: int, turns: int = 1) -> int:
     tok = build_tokenizer()
     longest = lambda texts: max(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     first = 1 + longest([prompt(q) for q in all_questions()]) + n_image - 1 + 2
-    asked = [*all_questions(), *(t.format(quadrant=q) for t in QUADRANT_TEMPLATES.values() for q in QUADRANTS)]
-    return first + (turns - 1) * (longest([follow_up(q) for q in asked]) + 2)
+    return first + (turns - 1) * (longest([follow_up(q) for q in training_questions()]) + 2)
 
 
 def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
