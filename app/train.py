@@ -115,8 +115,10 @@ RECIPES = {
                       stages=(Stage(1300, 32, 1e-3, 150),
                               # position learnt (validation colour 0.81-0.88) but read/presence/count at chance
                               Stage(1850, 32, 1e-3, 100, turns=9, need_quadrant=2, by_quadrant=2, decay_steps=3000),
-                              # so the follow-up turns go to the colour+shape lookups (read, presence, count)
-                              Stage(2000, 32, 5e-4, 50, turns=9, need_quadrant=1)),
+                              # so the follow-up turns go to the colour+shape lookups (read, presence, count):
+                              # they left chance after ~500 steps (validation 0.52 -> 0.66 at step 1000)
+                              Stage(2000, 32, 5e-4, 50, turns=9, need_quadrant=1),
+                              Stage(3000, 32, 5e-4, 100, turns=9, need_quadrant=1)),
                       eval_every=250, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
