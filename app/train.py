@@ -4,10 +4,10 @@
            predict every patch's colour, shape, colour-shape binding, glyph, object-centre kind (the binding of
            the object centred there, or none) and row/column, and CLS predicts the count of every colour-shape
            pair; background patches are weighted down. A stand-in for a pretrained encoder, and the cheap stage.
-  stage 2  the tower frozen and its features cached (float16) for the training images; projector + a fresh
-           decoder learn VQA in LLaVA's multi-turn format ("USER: <image>\\n{question} ASSISTANT: {answer}</s>USER:
-           {question} ASSISTANT: {answer}</s>..."): the sample's own question, then follow-ups about the same
-           image (see `Stage.turns`, `Stage.by_quadrant`, `Stage.need_quadrant`), every answer and </s> in the loss.
+  stage 2+ the tower frozen and its features cached (float16) for the training images; projector + a fresh
+           decoder (carried from stage to stage) learn VQA in LLaVA's multi-turn format ("USER: <image>\\n
+           {question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>..."): the sample's own
+           question, then follow-ups about the same image (see `Stage.turns`, `Stage.by_quadrant`, `Stage.need_quadrant`), every answer and </s> in the loss.
 Validation always reads the full grid and asks only the sample's own question, as the test does.
 Then the test split is scored once, with generation (never used for training or model selection), and the
 model is exported in transformers' LLaVA format.
@@ -16,9 +16,9 @@ Reproducible from the recipe's seed: parameter init, the training images (genera
 OUT/data) and their order (a pure function of seed, stage and step), so a checkpoint of params + optimiser
 state + stage + step resumes exactly. OUT/recipe.json is the run's recipe (written on the first run, read on
 every resume: edit it to lengthen a stage). OUT holds log.txt, history.jsonl, curves.png, checkpoint.npz,
-stage{1,2}.npz and results.json.
+stage{N}.npz (each stage's end) and results.json.
 
-    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {1,2,export}] [--max-steps N]
+    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {N,export}] [--max-steps N]
 """
 import argparse
 import contextlib
@@ -116,7 +116,7 @@ RECIPES = {
                               # position learnt (validation colour 0.81-0.88) but read/presence/count at chance
                               Stage(1850, 32, 1e-3, 100, turns=9, need_quadrant=2, by_quadrant=2, decay_steps=3000),
                               # so the follow-up turns go to the colour+shape lookups (read, presence, count):
-                              # they left chance after ~500 steps (validation 0.52 -> 0.66 at step 1000)
+                              # they left chance after ~500 steps (validation 0.52 -> 0.66 at step 1000, 0.67 at 2000)
                               Stage(2000, 32, 5e-4, 50, turns=9, need_quadrant=1),
                               Stage(3000, 32, 5e-4, 100, turns=9, need_quadrant=1)),
                       eval_every=250, ckpt_every=50),
