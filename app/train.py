@@ -7,7 +7,8 @@
   stage 2+ the tower frozen and its features cached (float16) for the training images; projector + a fresh
            decoder (carried from stage to stage) learn VQA in LLaVA's multi-turn format ("USER: <image>\\n
            {question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>..."): the sample's own
-           question, then follow-ups about the same image (see `Stage.turns`, `Stage.by_quadrant`, `Stage.need_quadrant`), every answer and </s> in the loss.
+           question, then follow-ups about the same image (see `Stage.turns`, `Stage.by_quadrant`,
+           `Stage.need_quadrant`), every answer and </s> in the loss.
 Validation always reads the full grid and asks only the sample's own question, as the test does.
 Then the test split is scored once, with generation (never used for training or model selection), and the
 model is exported in transformers' LLaVA format.
