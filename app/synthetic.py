@@ -33,6 +33,11 @@ TEMPLATES = {
     "read": "What is written on the {colour} {shape}?",
     "presence": "Is there a {colour} {shape}?",
 }
+# Training follow-ups only (never a benchmark question): the object a quadrant holds alone, named by the quadrant.
+# Retrieval by position has no content shortcut here; a decoder trained without them learnt colour/shape
+# questions by the named attribute alone (see app.train.Stage.by_quadrant).
+QUADRANT_TEMPLATES = {"colour": "What color is the object in the {quadrant}?",
+                      "shape": "What shape is the object in the {quadrant}?"}
 # Disjoint seed ranges; the test split is never used for training or model selection.
 SPLITS = {"train": range(0, 10**9), "validation": range(10**9, 10**9 + 10**6),
           "test": range(2 * 10**9, 2 * 10**9 + 10**6)}
@@ -76,6 +81,11 @@ def all_questions() -> list[str]:
         ("count", colour_shape),
         ("read", [dict(colour=c, shape=s) for c in COLOURS for s in GLYPH_SHAPES]),
         ("presence", colour_shape)) for kw in fills})
+
+
+def training_questions() -> list[str]:
+    """`all_questions` and the training-only `QUADRANT_TEMPLATES` questions: every question training asks."""
+    return sorted({*all_questions(), *(t.format(quadrant=q) for t in QUADRANT_TEMPLATES.values() for q in QUADRANTS)})
 
 
 def make_sample(seed: int, cfg: SceneConfig = SceneConfig()) -> Sample:
@@ -208,11 +218,22 @@ def scene_questions(objects: Sequence[SceneObject]) -> list[tuple[str, str, str,
     return out
 
 
-def follow_ups(seed: int, n: int, need_quadrant: bool = False) -> list[tuple[str, str]]:
+def quadrant_questions(objects: Sequence[SceneObject]) -> list[tuple[str, str]]:
+    """(question, answer) of `QUADRANT_TEMPLATES` about every quadrant that holds exactly one object."""
+    out = []
+    for q, quadrant in enumerate(QUADRANTS):
+        if len(here := [o for o in objects if o.quadrant == q]) == 1:
+            out += [(QUADRANT_TEMPLATES["colour"].format(quadrant=quadrant), COLOURS[here[0].colour]),
+                    (QUADRANT_TEMPLATES["shape"].format(quadrant=quadrant), SHAPES[here[0].shape])]
+    return out
+
+
+def follow_ups(seed: int, n: int, need_quadrant: int = 0, by_quadrant: int = 0) -> list[tuple[str, str]]:
     """Up to n (question, answer) pairs about seed's scene besides its own question, for multi-turn training:
     seeded, in random order. Up to two per family, except presence and count: one per answer, since scenes hold
-    far more absent and single objects than anything else. need_quadrant: up to two thirds of the n are the
-    scene's needs_quadrant questions, the rest those picks. Only the object list is drawn, not the image."""
+    far more absent and single objects than anything else. First come up to `by_quadrant` of the scene's
+    `quadrant_questions`, then up to `need_quadrant` of its needs_quadrant questions, then those picks. Only
+    the object list is drawn, not the image."""
     _, objects, _, own = _seed_objects(seed)
     rng = np.random.default_rng([seed, 1])
     asked = [t for t in scene_questions(objects) if t[1] != own]
@@ -222,12 +243,11 @@ def follow_ups(seed: int, n: int, need_quadrant: bool = False) -> list[tuple[str
         pools[family, answer if by_answer else "", 1 if by_answer else 2].append((question, answer))
     picks = [pool[i] for (_, _, m), pool in pools.items() for i in rng.permutation(len(pool))[:m]]
     rng.shuffle(picks)
-    if need_quadrant:
-        hard = [(question, answer) for _, question, answer, needs in asked if needs]
-        hard = [hard[i] for i in np.random.default_rng([seed, 2]).permutation(len(hard))]
-        hard = hard[:2 * n // 3]
-        picks = hard + [p for p in picks if p not in hard]
-    return picks[:n]
+    hard = [(question, answer) for _, question, answer, needs in asked if needs]
+    hard = [hard[i] for i in np.random.default_rng([seed, 2]).permutation(len(hard))][:need_quadrant]
+    alone = quadrant_questions(objects)
+    alone = [alone[i] for i in np.random.default_rng([seed, 3]).permutation(len(alone))][:by_quadrant]
+    return (alone + hard + [p for p in picks if p not in hard])[:n]
 
 
 def _balanced(rng: np.random.Generator, n: int, m: int) -> list[int]:

@@ -4,14 +4,11 @@
            predict every patch's colour, shape, colour-shape binding, glyph, object-centre kind (the binding of
            the object centred there, or none) and row/column, and CLS predicts the count of every colour-shape
            pair; background patches are weighted down. A stand-in for a pretrained encoder, and the cheap stage.
-  stage 2  the tower frozen and its features cached (float16) for the training images; projector + decoder learn
-           VQA, loss on the answer word and </s> of "USER: <image>\\n{question} ASSISTANT: {answer}</s>", from
-           2x2 average-pooled features (a quarter of the tokens; see `Stage.pooled`).
-  stage 3  the same with follow-up turns: after the sample's own question, up to turns - 1 more questions about
-           the same image in LLaVA's multi-turn format ("... ASSISTANT: {answer}</s>USER: {question} ASSISTANT:
-           {answer}</s>..."), every answer and </s> in the loss (see `Stage.turns`).
-  stage 4  the same on the full grid of cached features, at a lower rate.
-  stage 5  the same with follow-ups that need the quadrant first (see `Stage.need_quadrant`).
+  stage 2+ the tower frozen and its features cached (float16) for the training images; projector + a fresh
+           decoder (carried from stage to stage) learn VQA in LLaVA's multi-turn format ("USER: <image>\\n
+           {question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>..."): the sample's own
+           question, then follow-ups about the same image (see `Stage.turns`, `Stage.by_quadrant`,
+           `Stage.need_quadrant`), every answer and </s> in the loss.
 Validation always reads the full grid and asks only the sample's own question, as the test does.
 Then the test split is scored once, with generation (never used for training or model selection), and the
 model is exported in transformers' LLaVA format.
@@ -20,9 +17,9 @@ Reproducible from the recipe's seed: parameter init, the training images (genera
 OUT/data) and their order (a pure function of seed, stage and step), so a checkpoint of params + optimiser
 state + stage + step resumes exactly. OUT/recipe.json is the run's recipe (written on the first run, read on
 every resume: edit it to lengthen a stage). OUT holds log.txt, history.jsonl, curves.png, checkpoint.npz,
-stage{1,...,5}.npz and results.json.
+stage{N}.npz (each stage's end) and results.json.
 
-    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {1,...,5,export}] [--max-steps N]
+    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {N,export}] [--max-steps N]
 """
 import argparse
 import contextlib
@@ -52,7 +49,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from app.bundled import MODEL_DIR, PRESETS, SCENES
 from app.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
-from app.synthetic import ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds
+from app.synthetic import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
+                           training_questions)
 from app.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
 from convert import export_checkpoint, save_params
 from convert.checkpoint import UNUSED
@@ -76,19 +74,22 @@ class Stage:
     lr: float  # peak of warmup + cosine decay (to 1% of the peak at `steps`)
     warmup: int
     weight_decay: float = 0.05
-    # VQA stages: read 2x2 average-pooled features. From scratch, a decoder reading all 196 image tokens sat at the
-    # per-family answer prior for 600 steps; on a quarter of the tokens, steps are 4x cheaper and it leaves that
-    # plateau (slowly: the reading family first). Every patch is pooled alike, so no token selector is favoured.
-    pooled: bool = False
-    # Question-answer turns per sequence (1: the sample's own question only). From the plateau above, single-turn
-    # training reached 0.44 validation in 3500 steps: one answer per image and forward pass is little signal for
-    # the decoder's retrieval; follow-up turns give several answers per image for ~2x the tokens.
+    # Question-answer turns per sequence (1: the sample's own question only). One answer per image and forward
+    # pass is little signal for the decoder's retrieval; follow-up turns give several per image for ~2x the tokens.
     turns: int = 1
-    # Follow-up turns put the scene's needs_quadrant questions first (see app.synthetic.scene_questions). With
-    # follow-ups drawn over all families, after 5000 pooled steps colour and shape questions sat at ~0.5: most
-    # errors named the same-shaped (same-coloured) object of another quadrant. Most follow-ups about a quadrant
-    # never need it (the named shape is unique in the scene), so they teach that shortcut.
-    need_quadrant: bool = False
+    # Follow-ups: first up to `by_quadrant` quadrant-only questions (app.synthetic.quadrant_questions), then up
+    # to `need_quadrant` colour/shape questions whose named attribute also occurs in another quadrant
+    # (app.synthetic.scene_questions), then a spread over the families. Without the first kind, a decoder trained
+    # on pooled features, then the full grid, with needs-quadrant follow-ups (the first bundled recipe, 10,100
+    # VQA steps) found objects by the named attribute alone: needs-quadrant colour and shape questions at 0.53-0.58
+    # on training and validation scenes alike, and adding quadrant-only follow-ups to it for 300 steps moved
+    # them from chance only to 0.33 (colour). A fresh decoder trained with them from the start answered
+    # colour and shape questions at 0.62 and 0.60 after 500 steps (the old one: 0.53 after all of its).
+    need_quadrant: int = 0
+    by_quadrant: int = 0
+    # Length of the warmup + cosine schedule when it differs from `steps`: a stage stopped part-way along its
+    # schedule (the bundled stage 2 was cut at step 1850 of 3000 when the next stage took over).
+    decay_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +113,19 @@ class Recipe:
 
 RECIPES = {
     "bundled": Recipe("bundled", seed=0, n_train=30_000, n_val=500, n_test=1000,
-                      stages=(Stage(1300, 32, 1e-3, 150), Stage(3500, 32, 1e-3, 100, pooled=True),
-                              Stage(5000, 32, 1e-3, 100, pooled=True, turns=7), Stage(600, 32, 3e-4, 50, turns=7),
-                              Stage(1000, 32, 5e-4, 50, turns=7, need_quadrant=True)),
+                      stages=(Stage(1300, 32, 1e-3, 150),
+                              # position learnt (validation colour 0.81-0.88) but read/presence/count at chance
+                              Stage(1850, 32, 1e-3, 100, turns=9, need_quadrant=2, by_quadrant=2, decay_steps=3000),
+                              # so the follow-up turns go to the colour+shape lookups (read, presence, count):
+                              # they left chance after ~500 steps (validation 0.52 -> 0.66 at step 1000, 0.67 at 2000)
+                              Stage(2000, 32, 5e-4, 50, turns=9, need_quadrant=1),
+                              # the same restarted at 5e-4: read and presence reached 1.00 by step 500, colour
+                              # by 750, shape and count rose to 0.83 (validation 0.93 at 1500, where it was cut)
+                              Stage(1500, 32, 5e-4, 100, turns=9, need_quadrant=1, decay_steps=3000)),
                       eval_every=250, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
-                   stages=(Stage(8, 8, 3e-3, 1), Stage(8, 8, 3e-3, 1, pooled=True),
-                           Stage(4, 8, 3e-3, 1, pooled=True, turns=3), Stage(2, 8, 1e-3, 1, turns=3),
-                           Stage(2, 8, 1e-3, 1, turns=4, need_quadrant=True)),
+                   stages=(Stage(8, 8, 3e-3, 1), Stage(8, 8, 3e-3, 1, turns=4, need_quadrant=1, by_quadrant=1)),
                    eval_every=4, ckpt_every=4, log_every=1),
 }
 
@@ -182,7 +187,7 @@ def sequence_length(n_image: int, turns: int = 1) -> int:
     tok = build_tokenizer()
     longest = lambda texts: max(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     first = 1 + longest([prompt(q) for q in all_questions()]) + n_image - 1 + 2
-    return first + (turns - 1) * (longest([follow_up(q) for q in all_questions()]) + 2)
+    return first + (turns - 1) * (longest([follow_up(q) for q in training_questions()]) + 2)
 
 
 def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,13 +220,6 @@ def vqa_ids(questions, answers, n_image: int, follow=None, turns: int = 1) -> tu
         at = [start + t for t in lab]
         labels[i, at] = ids[i, at]
     return ids, mask, labels
-
-
-def pool_2x2(features: np.ndarray, grid: int) -> np.ndarray:
-    """(B, grid^2, D) row-major patch features -> (B, (grid/2)^2, D), each 2x2 block averaged (float32)."""
-    b, _, d = features.shape
-    blocks = np.asarray(features, np.float32).reshape(b, grid // 2, 2, grid // 2, 2, d)
-    return blocks.mean(axis=(2, 4)).reshape(b, -1, d)
 
 
 def order(seed: int, stage: int, step: int, batch: int, n: int) -> np.ndarray:
@@ -364,7 +362,8 @@ def vqa_loss(trainee: Trainee, batch: dict):
 def optimizer(stage: Stage, scales: dict[str, float]) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay, one per parameter group (learning rate x its scale)."""
     def adamw(scale):
-        lr = optax.warmup_cosine_decay_schedule(0.0, stage.lr * scale, stage.warmup, stage.steps, stage.lr * scale / 100)
+        lr = optax.warmup_cosine_decay_schedule(0.0, stage.lr * scale, stage.warmup, stage.decay_steps or stage.steps,
+                                                 stage.lr * scale / 100)
         return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, b2=0.98, weight_decay=stage.weight_decay))
     return optax.multi_transform({g: adamw(s) for g, s in scales.items()}, {g: g for g in scales})
 
@@ -450,8 +449,6 @@ class Run:
         self.recipe, self.out = recipe, out
         self.cfg: LlavaConfig = PRESETS[recipe.model]
         self.scene = SCENES[recipe.model]
-        if any(s.pooled for s in recipe.stages) and self.scene.grid % 2:
-            raise ValueError(f"pooled stages need an even patch grid, not {self.scene.grid}x{self.scene.grid}")
         self.graphdef, self.states = build(recipe)
         self.train = dataset(out, "train", recipe.n_train, self.scene, workers)
         self.val = dataset(out, "validation", recipe.n_val, self.scene, workers)
@@ -459,7 +456,7 @@ class Run:
                                                                          self.cfg.num_image_tokens)
         self.history = History(out / "history.jsonl")
         self.ckpt = out / "checkpoint.npz"
-        self._vqa_inputs: dict[tuple[bool, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._vqa_inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # ---- evaluation
     def _batches(self, data: dict, keys: tuple[str, ...], size: int = 50):
@@ -485,20 +482,20 @@ class Run:
             keys = ("image", "colour", "shape", "glyph", "centre", "counts")
             return {k: jnp.asarray(self.train[k][idx]) for k in keys}
         spec = self.recipe.stages[stage - 1]
-        inputs = self.vqa_inputs(spec.pooled, spec.turns, spec.need_quadrant)
+        inputs = self.vqa_inputs(spec)
         batch = dict(zip(("ids", "mask", "labels"), (jnp.asarray(a[idx]) for a in inputs)))
-        feats = self.features[idx]
-        return {**batch, "features": jnp.asarray(pool_2x2(feats, self.scene.grid) if spec.pooled else feats)}
+        return {**batch, "features": jnp.asarray(self.features[idx])}
 
-    def vqa_inputs(self, pooled: bool, turns: int, need_quadrant: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, mask, labels of the training samples for the image-token count and follow-ups of a stage (built
+    def vqa_inputs(self, spec: Stage) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, mask, labels of the training samples for the turns and follow-ups of a stage (built
         once per run: a per-instance cache, so a finished Run's arrays are not kept alive by a class-level one)."""
-        key = pooled, turns, need_quadrant
+        key = spec.turns, spec.need_quadrant, spec.by_quadrant
         if key not in self._vqa_inputs:
-            n_image = self.cfg.num_image_tokens // (4 if pooled else 1)
             seeds = split_seeds("train", self.recipe.n_train)
-            follow = None if turns == 1 else [follow_ups(s, turns - 1, need_quadrant) for s in seeds]
-            self._vqa_inputs[key] = vqa_ids(self.train["question"], self.train["answer"], n_image, follow, turns)
+            follow = None if spec.turns == 1 else [follow_ups(s, spec.turns - 1, spec.need_quadrant, spec.by_quadrant)
+                                                   for s in seeds]
+            self._vqa_inputs[key] = vqa_ids(self.train["question"], self.train["answer"], self.cfg.num_image_tokens,
+                                             follow, spec.turns)
         return self._vqa_inputs[key]
 
     @functools.cached_property
@@ -517,8 +514,8 @@ class Run:
             os.replace(tmp, path)
         return np.load(path, mmap_mode="r")
 
-    def run_stage(self, stage: int, start: int, seconds: float, opt_leaves, max_steps: int | None) -> bool:
-        """Trains `stage` from `start`; True when finished, False when stopped early by max_steps."""
+    def run_stage(self, stage: int, start: int, seconds: float, opt_leaves, max_steps: int | None) -> tuple[bool, float]:
+        """Trains `stage` from `start`; (finished, or stopped early by max_steps; training seconds so far)."""
         r, spec = self.recipe, self.recipe.stages[stage - 1]
         scales = trained_groups(stage)
         opt = optimizer(spec, scales)
@@ -554,7 +551,7 @@ class Run:
                     t0 = time.perf_counter()  # evaluation time is not training time
                 if done % r.ckpt_every == 0 or done == stop:
                     save_checkpoint(self.ckpt, self.states, opt_state if done < spec.steps else None, stage, done, seconds)
-        return stop == spec.steps
+        return stop == spec.steps, seconds
 
     def evaluate(self, stage: int, step: int, seconds: float):
         metrics = self.eval_dense() if stage == 1 else self.eval_vqa()
@@ -578,7 +575,8 @@ class Run:
                 continue
             if s > stage:
                 step, seconds, opt_leaves = 0, 0.0, None
-            if not self.run_stage(s, step, seconds, opt_leaves, max_steps):
+            finished, seconds = self.run_stage(s, step, seconds, opt_leaves, max_steps)
+            if not finished:
                 return
             save_checkpoint(self.out / f"stage{s}.npz", self.states, None, s, spec.steps, seconds)
             stage, step = s, spec.steps

@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from app.scene import SceneConfig
-from app.synthetic import ANSWERS, all_questions
+from app.synthetic import ANSWERS, training_questions
 
 UNK, BOS, EOS, PAD, IMAGE_TOKEN = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE_TOKEN)
@@ -41,9 +41,9 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def words() -> list[str]:
-    """Every word of the prompt template, the questions and the answers, sorted."""
+    """Every word of the prompt template, the questions training asks and the answers, sorted."""
     answers = [a for family_answers in ANSWERS.values() for a in family_answers]
-    texts = [prompt("").replace(IMAGE_TOKEN, " "), *all_questions(), *answers]
+    texts = [prompt("").replace(IMAGE_TOKEN, " "), *training_questions(), *answers]
     split = _pre_tokenizer()
     return sorted({w for text in texts for w, _ in split.pre_tokenize_str(text)})
 

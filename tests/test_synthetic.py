@@ -14,7 +14,7 @@ from PIL import Image
 from app.scene import (COLOURS, GLYPH_BITMAPS, GLYPHS, MIN_COVERAGE, PALETTE, QUADRANTS, SHAPES, SceneConfig,
                        glyph_rgb, render)
 from app.synthetic import (ANSWERS, FAMILIES, MAX_OBJECTS, MIN_OBJECTS, SPLITS, all_questions, family_stats, make_batch,
-                           follow_ups, make_sample, scene_questions, split_seeds, write_samples)
+                           follow_ups, make_sample, quadrant_questions, scene_questions, split_seeds, write_samples)
 
 CFG = SceneConfig()
 
@@ -134,10 +134,30 @@ def test_follow_ups_are_seeded_spread_over_families_or_quadrant_first(samples):
         assert all(families.count(f) <= 2 for f in FAMILIES if f not in ("presence", "count"))
         by_answer = [(asked[t][0], t[1]) for t in more if asked[t][0] in ("presence", "count")]
         assert len(set(by_answer)) == len(by_answer)
-        hard = follow_ups(s.seed, 6, need_quadrant=True)
-        n_needs = min(4, sum(needs for (q, _), (_, needs) in asked.items() if q != s.question))  # 4: 2/3 of 6
+        hard = follow_ups(s.seed, 6, need_quadrant=4)
+        n_needs = min(4, sum(needs for (q, _), (_, needs) in asked.items() if q != s.question))
         assert [asked[t][1] for t in hard[:n_needs]] == [True] * n_needs and all(t in asked for t in hard)
         assert min(6, len(more)) <= len(set(hard)) == len(hard) <= 6 and s.question not in [q for q, _ in hard]
+        alone = quadrant_questions(s.scene.objects)
+        first = follow_ups(s.seed, 6, need_quadrant=2, by_quadrant=2)
+        n_alone = min(2, len(alone))
+        assert all(t in alone for t in first[:n_alone]) and first[n_alone:] == follow_ups(s.seed, 6 - n_alone, 2)
+
+
+def test_quadrant_questions_name_the_only_object_of_a_quadrant(samples):
+    seen = 0
+    for s in samples:
+        for question, answer in quadrant_questions(s.scene.objects):
+            kind, quadrant = re.fullmatch(r"What (color|shape) is the object in the (.*)\?", question).groups()
+            here = [o for o in s.scene.objects if QUADRANTS[o.quadrant] == quadrant]
+            assert len(here) == 1 and answer == (COLOURS[here[0].colour] if kind == "color" else SHAPES[here[0].shape])
+            seen += 1
+        alone = {QUADRANTS[o.quadrant] for o in s.scene.objects} - {
+            QUADRANTS[o.quadrant] for i, o in enumerate(s.scene.objects)
+            if any(p.quadrant == o.quadrant for j, p in enumerate(s.scene.objects) if j != i)}
+        assert len(quadrant_questions(s.scene.objects)) == 2 * len(alone)
+    assert seen > 0
+    assert not set(q for s in samples for q, _ in quadrant_questions(s.scene.objects)) & set(all_questions())
 
 
 def test_masks_match_the_drawn_objects(samples):

@@ -14,9 +14,9 @@ RECIPE = T.RECIPES["tiny"]
 def runs(tmp_path_factory):
     """The tiny recipe through its last stage twice: once straight, once stopped in stage 1 and again in stage 2."""
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    T.Run(RECIPE, straight, workers=1).run(until="5")
+    T.Run(RECIPE, straight, workers=1).run(until="2")
     for max_steps in (3, 6, None):  # stage 1 stops at 3/8; then stage 1 ends and stage 2 stops at 6/8; then done
-        T.Run(RECIPE, resumed, workers=1).run(until="5", max_steps=max_steps)
+        T.Run(RECIPE, resumed, workers=1).run(until="2", max_steps=max_steps)
     return straight, resumed
 
 
@@ -32,16 +32,17 @@ def test_every_stage_learns(runs):
         assert np.mean(loss[-2:]) < 0.8 * np.mean(loss[:2]), (stage, loss)
     assert np.isfinite(_losses(history, 3) + _losses(history, 4) + _losses(history, 5)).all()
     val = [r for r in history.records if r["kind"] == "val"]
-    assert {r["stage"] for r in val} == {1, 2, 3, 4, 5} and all("overall" in r for r in val if r["stage"] > 1)
+    assert {r["stage"] for r in val} == {1, 2} and all("overall" in r for r in val if r["stage"] > 1)
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    straight, resumed = (np.load(d / "stage5.npz") for d in runs)
+    straight, resumed = (np.load(d / "stage2.npz") for d in runs)
     assert straight.files == resumed.files
-    for k in straight.files:
+    for k in set(straight.files) - {"seconds"}:  # training wall time differs
         np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
+    assert straight["seconds"] > 0 and resumed["seconds"] > 0
     a, b = (T.History(d / "history.jsonl") for d in runs)
-    assert [_losses(a, s) for s in (1, 2, 3)] == [_losses(b, s) for s in (1, 2, 3)]
+    assert [_losses(a, s) for s in (1, 2)] == [_losses(b, s) for s in (1, 2)]
 
 
 def test_checkpoint_round_trip(runs, tmp_path):
@@ -60,7 +61,7 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     run = T.Run(RECIPE, runs[0], workers=1)
-    T.load_checkpoint(runs[0] / "stage5.npz", run.states)
+    T.load_checkpoint(runs[0] / "stage2.npz", run.states)
     model = T.merge(run.graphdef, run.states).model
     T.export(model, run.scene, tmp_path / "hf")
     hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -109,10 +110,3 @@ def test_order_visits_every_sample_once_per_epoch():
     np.testing.assert_array_equal(T.order(0, 1, 3, batch, n), seen[12:16])
 
 
-def test_pool_2x2_averages_each_block():
-    feats = np.random.default_rng(0).normal(size=(2, 16, 3)).astype(np.float32)  # a 4 x 4 grid, row-major
-    pooled = T.pool_2x2(feats, 4)
-    grid = feats.reshape(2, 4, 4, 3)
-    assert pooled.shape == (2, 4, 3)
-    np.testing.assert_allclose(pooled[1, 1], grid[1, 0:2, 2:4].mean((0, 1)), rtol=1e-6)  # block row 0, column 1
-    np.testing.assert_allclose(pooled[0, 2], grid[0, 2:4, 0:2].mean((0, 1)), rtol=1e-6)
