@@ -26,6 +26,8 @@ def run(args):
                          "train`, see the README) or pass --model DIR (an HF LLaVA directory or our checkpoint)")
     spec = parse(args.method, METHODS)
     question = args.prompt or example["question"]
+    # the bundled example's right answer, shown beside the model's so a wrong pruned answer is visible
+    truth = example["answer"] if args.image is None and args.prompt is None else None
     image = read_image(args.image or EXAMPLE_IMAGE)
     t = time.perf_counter()
     pipe = Pipeline.load(model_dir, mesh=sharding.mesh_option(args.mesh))
@@ -51,11 +53,11 @@ def run(args):
         print(json.dumps(dict(answer=ans.text, token_ids=ans.token_ids, prompt_ids=ans.prompt_ids,
                               kept_indices=ans.kept_indices, keep=kept, method=args.method, seconds=seconds,
                               image_tokens=n, stage_seconds=timings, compile_seconds=first_s - seconds,
-                              overlay=str(overlay), model=str(model_dir), question=question)))
+                              overlay=str(overlay), model=str(model_dir), question=question, truth=truth)))
         return
     print(f"model     {model_dir}  (loaded in {load_s:.1f} s)")
     print(f"question  {question}")
-    print(f"answer    {ans.text}")
+    print(f"answer    {ans.text}" + (f"  (right answer: {truth})" if truth is not None else ""))
     print(f"kept      {kept} of {n} image tokens ({args.method})")
     stages = "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
     print(f"time      {seconds * 1e3:.1f} ms  ({stages}; first call incl. compile {first_s:.1f} s)")
