@@ -26,11 +26,10 @@ def _losses(history: T.History, stage: int) -> list[float]:
 
 def test_every_stage_learns(runs):
     history = T.History(runs[0] / "history.jsonl")
-    for stage in (1, 2):
+    for stage, spec in enumerate(RECIPE.stages, 1):
         loss = _losses(history, stage)
-        assert len(loss) == RECIPE.stages[stage - 1].steps
+        assert len(loss) == spec.steps
         assert np.mean(loss[-2:]) < 0.8 * np.mean(loss[:2]), (stage, loss)
-    assert np.isfinite(_losses(history, 3) + _losses(history, 4) + _losses(history, 5)).all()
     val = [r for r in history.records if r["kind"] == "val"]
     assert {r["stage"] for r in val} == {1, 2} and all("overall" in r for r in val if r["stage"] > 1)
 
