@@ -22,11 +22,11 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from convert import keymap
-from convert.checkpoint import TARGET_DTYPES, abstract_model, abstract_params, dtype_name
-from convert.hf_config import write_config
-from convert.safetensors_io import INDEX, read_checkpoint
-from models.llava import LLAVA_15_7B
+from svdprune_jax.convert import keymap
+from svdprune_jax.convert.checkpoint import TARGET_DTYPES, abstract_model, abstract_params, dtype_name
+from svdprune_jax.convert.hf_config import write_config
+from svdprune_jax.convert.safetensors_io import INDEX, read_checkpoint
+from svdprune_jax.models.llava import LLAVA_15_7B
 
 SHARD_BYTES = 2**30
 
@@ -71,7 +71,7 @@ def measure(statement: str) -> dict:
     shared, so GB per CPU-second is the figure that does not depend on its load), peak RSS in bytes."""
     child = f"""
 import json, resource, time
-import convert
+import svdprune_jax.convert as convert
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 base, cpu0 = rss(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 t = time.perf_counter()

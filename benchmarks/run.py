@@ -1,6 +1,6 @@
 """Speed of ours (JAX, jitted) against transformers PyTorch, same random weights and inputs: one table of ratios.
 
-    python -m benchmarks.run [--smoke] [--out DIR] [--reps N]
+    python -m svdprune_jax.benchmarks.run [--smoke] [--out DIR] [--reps N]
 
 Items (issue 7): 1 token scoring at LLaVA-1.5 geometry (576 x 1024), 2 end-to-end pruned generation (one image + a
 20-token question -> 16 new tokens; unpruned and k = 64, 32, 16) with its stages, 3 language-model prefill against
@@ -21,7 +21,7 @@ Writes DIR/bench.json and DIR/bench.md.
 import os
 
 # JAX's CPU svd/eigh and NumPy run on OpenBLAS, whose spinning threads fight XLA's for the cores (scoring.py);
-# one BLAS thread, set before NumPy loads (`python -m benchmarks.run`; callers importing main set it themselves).
+# one BLAS thread, set before NumPy loads (`python -m svdprune_jax.benchmarks.run`; callers importing main set it themselves).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +43,15 @@ from flax import nnx
 from transformers import LlavaConfig as HFConfig
 from transformers import LlavaForConditionalGeneration
 
-import convert
+import svdprune_jax.convert as convert
 import svdprune_jax as sp
-from benchmarks.scoring import leverage64, leverage_torch
-from benchmarks.timing import Compiles, PeakRSS, Stat, interleaved, load
-from models.generate import _generate, _prefill_jit, bucket_length, generate
-from models.llama import init_cache
-from models.llava import Llava, LlavaConfig, Pruning
-from models.stack import per_layer
+from svdprune_jax.benchmarks import main
+from svdprune_jax.benchmarks.scoring import leverage64, leverage_torch
+from svdprune_jax.benchmarks.timing import Compiles, PeakRSS, Stat, interleaved, load
+from svdprune_jax.models.generate import _generate, _prefill_jit, bucket_length, generate
+from svdprune_jax.models.llama import init_cache
+from svdprune_jax.models.llava import Llava, LlavaConfig, Pruning
+from svdprune_jax.models.stack import per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +449,7 @@ class Suite:
             for name, layout, d in (("stacked, no cache", "stacked", None), ("per-layer, no cache", "per_layer", None),
                                     ("per-layer, cold cache", "per_layer", cache),
                                     ("per-layer, warm cache", "per_layer", cache)):
-                cmd = [sys.executable, "-m", "benchmarks.run", "--compile-probe", layout]
+                cmd = [sys.executable, "-m", "svdprune_jax.benchmarks.run", "--compile-probe", layout]
                 if d:
                     cmd += ["--cache", d]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -613,14 +613,8 @@ def _targets(suite: Suite, prefill_rows: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- entry
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny configs, seconds (CI)")
-    ap.add_argument("--out", type=Path, default=Path("bench-results"))
-    ap.add_argument("--reps", type=int, default=None, help="timed runs per figure (default 5; smoke 1)")
-    ap.add_argument("--compile-probe", choices=("stacked", "per_layer"), help=argparse.SUPPRESS)
-    ap.add_argument("--cache", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The benchmark for `svdprune_jax.benchmarks.parser`'s arguments."""
     preset = SMOKE if args.smoke else FULL
     if args.compile_probe:
         print(json.dumps(compile_probe(preset, args.compile_probe, args.cache)))

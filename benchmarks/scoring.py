@@ -1,7 +1,7 @@
 """Leverage-score solvers at LLaVA-1.5 geometry (N=576 tokens, D=1024): speed and float32 accuracy; and the
 time per image of every selector (method spec) at the bundled model's geometry and at LLaVA-1.5's.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.scoring [--rank 64] [--reps 7] [--torch-threads 1]
+    OPENBLAS_NUM_THREADS=1 python -m svdprune_jax.benchmarks.scoring [--rank 64] [--reps 7] [--torch-threads 1]
                                                         [--part solvers|selectors|all]
 
 Selectors (`SELECTORS`, method specs as the command line spells them): `prune` on one image under jit at the
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import svdprune_jax as sp  # noqa: E402
-from app.methods import parse  # noqa: E402
+from svdprune_jax.inference.methods import parse  # noqa: E402
 
 N, D, B = 576, 1024, 8
 SOLVERS = ("svd", "gram", "randomized")

@@ -2,7 +2,7 @@
 MLP 4096; the tower runs 23 of them to LLaVA's layer -2), ours jitted against transformers' CLIPEncoderLayer
 on the same weights and input, whole and by part, plus XLA's own account of our compiled layer.
 
-    python -m benchmarks.tower_profile [--smoke] [--reps 15] [--out DIR]
+    python -m svdprune_jax.benchmarks.tower_profile [--smoke] [--reps 15] [--out DIR]
 
 By part: the same operation on the same arrays in both (a q/k/v/out projection, fc1 with quick_gelu, fc2, the
 attention core softmax(q k^T / sqrt(d)) v over the heads: ours `models.clip.attention`, torch the
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.run import FULL, SMOKE, Preset, _text, hf_model, ours_from
-from benchmarks.timing import Stat, interleaved, load
-from models.clip import activation, attention
-from models.stack import per_layer
+from svdprune_jax.benchmarks.run import FULL, SMOKE, Preset, _text, hf_model, ours_from
+from svdprune_jax.benchmarks.timing import Stat, interleaved, load
+from svdprune_jax.models.clip import activation, attention
+from svdprune_jax.models.stack import per_layer
 
 
 def one_layer_preset(base: Preset) -> Preset:

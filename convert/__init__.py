@@ -6,7 +6,7 @@
     save_model(model, out_dir, assets_from=None)                      a (trained) model -> ours
     tokenizer_path(path), processor_path(path)                        where AutoTokenizer / the processor load from
 """
-from convert.checkpoint import (abstract_model, abstract_params, atomic_dir, convert_checkpoint, dtype_name,
+from svdprune_jax.convert.checkpoint import (abstract_model, abstract_params, atomic_dir, convert_checkpoint, dtype_name,
                                 export_checkpoint, is_ours, load_model, save_model)
-from convert.hf_config import config_to_hf, processor_path, read_config, tokenizer_path
-from convert.orbax_io import restore_params, save_params
+from svdprune_jax.convert.hf_config import config_to_hf, processor_path, read_config, tokenizer_path
+from svdprune_jax.convert.orbax_io import restore_params, save_params

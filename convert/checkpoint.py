@@ -22,13 +22,13 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from convert import keymap
-from convert.hf_config import copy_assets, read_config, read_config_json, write_config
-from convert.orbax_io import params_metadata, restore_params, save_params
-from convert.safetensors_io import (Tensor, copy_tiled, nbytes, read_checkpoint, read_header, write_checkpoint,
+from svdprune_jax.convert import keymap
+from svdprune_jax.convert.hf_config import copy_assets, read_config, read_config_json, write_config
+from svdprune_jax.convert.orbax_io import params_metadata, restore_params, save_params
+from svdprune_jax.convert.safetensors_io import (Tensor, copy_tiled, nbytes, read_checkpoint, read_header, write_checkpoint,
                                     write_file)
-from models import sharding
-from models.llava import Llava, LlavaConfig
+from svdprune_jax.models import sharding
+from svdprune_jax.models.llava import Llava, LlavaConfig
 
 PARAMS, UNUSED = "params", "hf_unused.safetensors"
 TARGET_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}

@@ -5,7 +5,7 @@ import numbers
 import shutil
 from pathlib import Path
 
-from models.llava import LlavaConfig
+from svdprune_jax.models.llava import LlavaConfig
 
 CONFIG = "config.json"
 # Files the tokenizer and image processor load (transformers' AutoTokenizer / AutoProcessor), plus generation

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from convert.safetensors_io import DTYPES, Tensor
+from svdprune_jax.convert.safetensors_io import DTYPES, Tensor
 
 Path = tuple[str, ...]
 

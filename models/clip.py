@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from models import stack
-from models.sharding import axes
+from svdprune_jax.models import stack
+from svdprune_jax.models.sharding import axes
 
 # transformers' ACT2FN names -> jax. HF "gelu" is the exact erf form (jax.nn.gelu defaults to tanh).
 _tanh_gelu = functools.partial(jax.nn.gelu, approximate=True)

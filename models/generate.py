@@ -19,9 +19,9 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 import svdprune_jax
-from models import sharding
-from models.llama import FastV, init_cache
-from models.llava import GIVEN, Llava, Pruning, check_prompts
+from svdprune_jax.models import sharding
+from svdprune_jax.models.llama import FastV, init_cache
+from svdprune_jax.models.llava import GIVEN, Llava, Pruning, check_prompts
 
 
 @dataclasses.dataclass(frozen=True)

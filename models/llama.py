@@ -22,9 +22,9 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 import svdprune_jax
-from models import stack
-from models.clip import activation, linear
-from models.sharding import axes, constrain
+from svdprune_jax.models import stack
+from svdprune_jax.models.clip import activation, linear
+from svdprune_jax.models.sharding import DATA, axes, constrain
 
 # transformers' LlamaConfig defaults: hub config.json files (e.g. llava-hf's text_config) omit keys left at these.
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -265,7 +265,7 @@ class Llama(nnx.Module):
         new_cache, kept = [], None
         for s, (start, stop) in enumerate(segs):
             if s == 1:  # FastV: gather the kept columns; they keep their original positions
-                keep_img = svdprune_jax.fastv_select(score, image_positions, fastv.keep)
+                keep_img = svdprune_jax.fastv_select(score, image_positions, fastv.keep, DATA)
                 kept = _kept_columns(image_positions, keep_img, T)
                 take = lambda a: jnp.take_along_axis(a, kept.reshape(kept.shape + (1,) * (a.ndim - 2)), axis=1)
                 x, positions, valid = take(x), take(positions), take(valid)

@@ -17,9 +17,9 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 import svdprune_jax
-from models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, activation, feature_layers, linear
-from models.llama import FastV, Llama, LlamaConfig
-from models import sharding
+from svdprune_jax.models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, activation, feature_layers, linear
+from svdprune_jax.models.llama import FastV, Llama, LlamaConfig
+from svdprune_jax.models import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +154,11 @@ class Llava(nnx.Module):
         feats = sharding.constrain(feats, "batch", None, None)
         kept = None
         if pruning is not None and pruning.method == GIVEN:
-            kept = svdprune_jax.select_tokens(scores, pruning.k)
+            kept = svdprune_jax.select_tokens(scores, pruning.k, sharding.DATA)
             feats = svdprune_jax.gather_tokens(feats, kept)
         elif pruning is not None:
             feats, kept = svdprune_jax.prune(feats, pruning.k, pruning.method, key=key, cls_attention=cls_attn,
-                                             **dict(pruning.options))
+                                             batch_axis=sharding.DATA, **dict(pruning.options))
         return (feats if matrix == "projector" else self.multi_modal_projector(feats)), kept
 
     def embed(self, input_ids: Int[Array, "B T"], image_embeds: Float[Array, "B n D"]) -> Float[Array, "B T D"]:

@@ -21,9 +21,8 @@ from flax.core import spmd
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-import svdprune_jax.select
 
-DATA, MODEL = svdprune_jax.select.DATA_AXIS, "model"
+DATA, MODEL = "data", "model"  # the mesh axes: images of a batch, and heads / MLP columns
 RULES = (
     ("batch", DATA),
     ("heads", MODEL),

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from models import sharding
+from svdprune_jax.models import sharding
 
 M = TypeVar("M", bound=nnx.Module)
 

@@ -1,13 +1,47 @@
-"""svdprune_jax: vision-token pruning maths (SVD-Prune leverage scores and the baselines it is compared to)."""
-from svdprune_jax.adaptive import BUCKET_LEVELS, adaptive_budget, budget_buckets
-from svdprune_jax.baselines import divprune_indices, norm_scores, visionzip, visionzip_split
-from svdprune_jax.fastv import FASTV_LAYER, FASTV_RATIO, fastv_keep_count, fastv_select
-from svdprune_jax.leverage import AUTO_SOLVER, LRCP_RANK, SOLVERS, leverage_scores, lrcp_scores
-from svdprune_jax.pruning import BUDGET, METHODS, NEEDS_CLS_ATTENTION, NEEDS_KEY, SVD_DEFAULTS, prune, validate
-from svdprune_jax.select import gather_tokens, select_tokens
+"""svdprune_jax: vision-token pruning maths (SVD-Prune leverage scores and the baselines it is compared to).
 
-__all__ = [
-    "AUTO_SOLVER", "BUCKET_LEVELS", "BUDGET", "FASTV_LAYER", "FASTV_RATIO", "LRCP_RANK", "METHODS", "NEEDS_CLS_ATTENTION", "NEEDS_KEY", "SOLVERS", "SVD_DEFAULTS",
-    "adaptive_budget", "budget_buckets", "divprune_indices", "fastv_keep_count", "fastv_select", "gather_tokens", "leverage_scores",
-    "lrcp_scores", "norm_scores", "prune", "select_tokens", "validate", "visionzip", "visionzip_split",
-]
+Names load on first use (PEP 562), so importing a subpackage (`svdprune_jax.cli`, ...) does not load JAX before
+it needs it.
+"""
+import importlib
+
+_EXPORTS = {
+    "AUTO_SOLVER": "leverage",
+    "BUCKET_LEVELS": "adaptive",
+    "BUDGET": "pruning",
+    "FASTV_LAYER": "fastv",
+    "FASTV_RATIO": "fastv",
+    "LRCP_RANK": "leverage",
+    "METHODS": "pruning",
+    "NEEDS_CLS_ATTENTION": "pruning",
+    "NEEDS_KEY": "pruning",
+    "SOLVERS": "leverage",
+    "SVD_DEFAULTS": "pruning",
+    "adaptive_budget": "adaptive",
+    "budget_buckets": "adaptive",
+    "divprune_indices": "baselines",
+    "fastv_keep_count": "fastv",
+    "fastv_select": "fastv",
+    "gather_tokens": "select",
+    "leverage_scores": "leverage",
+    "lrcp_scores": "leverage",
+    "norm_scores": "baselines",
+    "prune": "pruning",
+    "select_tokens": "select",
+    "validate": "pruning",
+    "visionzip": "baselines",
+    "visionzip_split": "baselines",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'svdprune_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"svdprune_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -52,7 +52,7 @@ def check_buckets(buckets, n: int) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnames=("buckets", "options"))
 def _adaptive_budget(x, target, *, buckets, options):
-    scores = leverage._leverage(x, **dict(options))
+    scores = leverage.leverage_unchecked(x, **dict(options))
     mass = jnp.cumsum(jnp.sort(scores, axis=-1)[..., ::-1], axis=-1)  # top-k leverage mass, k = 1..N
     # smallest k whose mass reaches target of the total (mass[-1]: the same float32 sum, so target 1 gives <= N)
     need = 1 + jnp.sum(mass < target * mass[..., -1:], axis=-1)

@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from svdprune_jax.select import _select
+from svdprune_jax.select import top_k_indices
 
 # VisionZip's released LLaVA-1.5 setting: 54 dominant + 10 contextual tokens for a budget of 64; other
 # budgets keep that share (108+20 for 128, 162+30 for 192, as commonly reproduced).
@@ -91,7 +91,7 @@ def _group_sums(x, metric, targets, others):
 
 def _visionzip(x, attention, metric, *, dominant: int, contextual: int):
     n = x.shape[0]
-    dom = _select(attention, dominant)
+    dom = top_k_indices(attention, dominant)
     if contextual == 0:
         return x[dom], dom
     # The rest in original order; `contextual` targets spread uniformly over them (static positions).

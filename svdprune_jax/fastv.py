@@ -9,7 +9,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from svdprune_jax import checks
-from svdprune_jax.select import _select
+from svdprune_jax.select import top_k_indices
 
 FASTV_LAYER = 2    # K: prune after the first K decoder layers
 FASTV_RATIO = 0.5  # R: share of the image tokens dropped
@@ -22,8 +22,8 @@ def fastv_keep_count(num_image_tokens: int, ratio: float = FASTV_RATIO) -> int:
     return max(1, int(round(num_image_tokens * (1.0 - ratio))))
 
 
-def fastv_select(attention: Float[Array, "..."], image_positions: Int[Array, "B n"] | None, keep: int
-                 ) -> Int[Array, "B keep"]:
+def fastv_select(attention: Float[Array, "..."], image_positions: Int[Array, "B n"] | None, keep: int,
+                 batch_axis: str | None = None) -> Int[Array, "B keep"]:
     """Kept image tokens (int32, ascending) of each row.
 
     attention: the last prompt token's attention at layer K - 1, over the T keys: (B, T) head-averaged,
@@ -38,9 +38,9 @@ def fastv_select(attention: Float[Array, "..."], image_positions: Int[Array, "B 
     score = attention[:, :, -1] if len(shape) == 4 else attention
     score = score.mean(axis=1) if score.ndim == 3 else score
     if image_positions is None:
-        return _select(score, checks.budget(keep, shape[-1]))
+        return top_k_indices(score, checks.budget(keep, shape[-1]), batch_axis)
     if np.shape(image_positions)[:1] != shape[:1] or jnp.ndim(image_positions) != 2:
         raise ValueError(f"image_positions must be (B={shape[0]}, n); got shape {np.shape(image_positions)}")
     keep = checks.budget(keep, np.shape(image_positions)[1])
-    chosen = _select(jnp.take_along_axis(score, image_positions, axis=1), keep)
+    chosen = top_k_indices(jnp.take_along_axis(score, image_positions, axis=1), keep, batch_axis)
     return jnp.take_along_axis(image_positions, chosen, axis=1).astype(jnp.int32)

@@ -106,7 +106,7 @@ def _leverage_cut(x, cut, *, by_energy, center, solver, sketch):
     return jnp.einsum("...nm,...m->...n", u * u, (kept & resolved).astype(jnp.float32))
 
 
-def _leverage(x, *, rank, energy, center, solver):
+def leverage_unchecked(x, *, rank, energy, center, solver):
     """Leverage for checked options (`leverage_options`); the cut is traced, so sweeps do not recompile
     (except "randomized", whose sketch size follows the rank)."""
     return _leverage_cut(x, energy if rank is None else rank, by_energy=rank is None, center=center,
@@ -114,7 +114,7 @@ def _leverage(x, *, rank, energy, center, solver):
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "solver"))
-def _residual(x, *, rank, solver):
+def residual_unchecked(x, *, rank, solver):
     xc = _centred(x, True)
     _, u, resolved = spectrum(xc, solver, rank)
     ur = u[..., :rank] * resolved[..., None, :rank]
@@ -167,7 +167,7 @@ def leverage_scores(features: Float[Array, "*b n d"], rank: int | None = None, *
     n, d = checks.features_shape(features)
     opts = leverage_options(n, d, rank, energy, center, solver)
     checks.finite(features, "features")
-    return _leverage(features, **opts)
+    return leverage_unchecked(features, **opts)
 
 
 def lrcp_scores(features: Float[Array, "*b n d"], rank: int = LRCP_RANK, *, solver: str = "auto"
@@ -178,4 +178,4 @@ def lrcp_scores(features: Float[Array, "*b n d"], rank: int = LRCP_RANK, *, solv
     n, d = checks.features_shape(features)
     opts = leverage_options(n, d, rank, None, False, solver)
     checks.finite(features, "features")
-    return _residual(features, rank=opts["rank"], solver=opts["solver"])
+    return residual_unchecked(features, rank=opts["rank"], solver=opts["solver"])

@@ -7,7 +7,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from svdprune_jax import baselines, checks, leverage
-from svdprune_jax.select import _select, gather_tokens
+from svdprune_jax.select import gather_tokens, top_k_indices
 
 METHODS = ("svd", "random", "norm", "cls_attention", "divprune", "visionzip", "lrcp")
 NEEDS_CLS_ATTENTION = ("cls_attention", "visionzip")
@@ -97,8 +97,8 @@ def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, k
     return _static_options(method, n, d, k, options)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "method", "options"))
-def _prune(features, key, cls_attention, keys, *, k, method, options):
+@functools.partial(jax.jit, static_argnames=("k", "method", "options", "batch_axis"))
+def _prune(features, key, cls_attention, keys, *, k, method, options, batch_axis):
     o = dict(options)
     merge = o.pop("merge", False)
     if method == "visionzip":
@@ -107,18 +107,18 @@ def _prune(features, key, cls_attention, keys, *, k, method, options):
         idx = baselines.divprune_indices(features, k)
     else:
         scores = {
-            "svd": lambda: leverage._leverage(features, **o),
-            "lrcp": lambda: leverage._residual(features, **o),
+            "svd": lambda: leverage.leverage_unchecked(features, **o),
+            "lrcp": lambda: leverage.residual_unchecked(features, **o),
             "norm": lambda: baselines.norm_scores(features),
             "cls_attention": lambda: cls_attention,
             "random": lambda: baselines.random_scores(key, features.shape[:-1]),
         }[method]()
-        idx = _select(scores, k)
+        idx = top_k_indices(scores, k, batch_axis)
     return (baselines.merge_dropped(features, idx) if merge else gather_tokens(features, idx)), idx
 
 
 def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
-          cls_attention: Float[Array, "*b n"] | None = None, **options
+          cls_attention: Float[Array, "*b n"] | None = None, batch_axis: str | None = None, **options
           ) -> tuple[Float[Array, "*b k d"], Int[Array, "*b k"]]:
     """Keep k of the N tokens of `features` (..., N, D): returns (kept (..., k, D), indices int32 (..., k)).
 
@@ -139,10 +139,11 @@ def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key:
     merge=True (every method but visionzip): merge instead of drop, each dropped token averaged into its most
     cosine-similar kept token (`baselines.merge_dropped`); the indices are the kept tokens' (the anchors).
     k and method are static; batched input (B, N, D) works directly and the call is vmap-able (`jax.vmap`
-    with k/method closed over). key and cls_attention are ignored by methods that do not use them.
+    with k/method closed over). key and cls_attention are ignored by methods that do not use them. batch_axis: a
+    device-mesh axis that splits the batch (`svdprune_jax.models.sharding.DATA`): each device selects its own rows.
     Raises ValueError for bad input (see `validate`).
     """
     static = validate(features, k, method, key=key, cls_attention=cls_attention, **options)
     return _prune(features, key if method in NEEDS_KEY else None,
                   cls_attention if method in NEEDS_CLS_ATTENTION else None, options.get("keys"),
-                  k=k, method=method, options=static)
+                  k=k, method=method, options=static, batch_axis=batch_axis)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from models.llava import Llava, LlavaConfig
+from svdprune_jax.models.llava import Llava, LlavaConfig
 from tiny_hf import tiny_llava
 
 

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert import load_model
-from models import sharding, stack
-from models.generate import generate
-from models.llava import Pruning
+from svdprune_jax.convert import load_model
+from svdprune_jax.models import sharding, stack
+from svdprune_jax.models.generate import generate
+from svdprune_jax.models.llava import Pruning
 from tiny_sharded import PIXELS, prompts
 
 K, NEW = 5, 8

@@ -23,11 +23,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import svdprune_jax
-from convert import export_checkpoint, load_model, save_model
-from convert.hf_config import write_config
-from models import sharding, stack
-from models.generate import _encode_jit, generate
-from models.llava import Llava, Pruning, forward
+from svdprune_jax.convert import export_checkpoint, load_model, save_model
+from svdprune_jax.convert.hf_config import write_config
+from svdprune_jax.models import sharding, stack
+from svdprune_jax.models.generate import _encode_jit, generate
+from svdprune_jax.models.llava import Llava, Pruning, forward
 from tiny_sharded import B, CONFIG, PIXELS, prompts, random_model
 
 if jax.device_count() != 8:
@@ -175,7 +175,7 @@ def test_pruning_gathers_nothing_over_the_data_axis(model_dirs, data, model_axis
     mesh = sharding.make_mesh(data, model_axis)
     feats, = sharding.put_batch(mesh, np.random.default_rng(2).standard_normal((B, 16, 32)).astype(np.float32))
     with sharding.use(mesh):
-        hlo = jax.jit(lambda f: svdprune_jax.prune(f, K, "svd")).lower(feats).compile().as_text()
+        hlo = jax.jit(lambda f: svdprune_jax.prune(f, K, "svd", batch_axis=sharding.DATA)).lower(feats).compile().as_text()
     assert collectives(hlo, mesh) == []
     assert "TopK" in hlo and "gesdd" in hlo  # the step compiled is the real one: CPU LAPACK SVD, XLA TopK
     graphdef, state = nnx.split(stack.per_layer(load_model(model_dirs[0], mesh=mesh)))

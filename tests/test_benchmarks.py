@@ -2,7 +2,7 @@
 one table covering items 1-4 with ours and the reference on every ratio row, and no recompilation."""
 import json
 
-from benchmarks import run, scoring, tower_profile
+from svdprune_jax.benchmarks import run, scoring, tower_profile
 
 
 def test_smoke_writes_one_table(tmp_path):

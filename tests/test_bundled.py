@@ -1,11 +1,11 @@
-"""The bundled model (app/assets/model): it knows its benchmark unpruned, and transformers' PyTorch LLaVA reads
+"""The bundled model (synthetic/assets/model): it knows its benchmark unpruned, and transformers' PyTorch LLaVA reads
 the shipped files to the same answers as ours."""
 import numpy as np
 import pytest
 
-from app.bundled import MODEL_DIR, SCENES
-from app.eval_synthetic import load_test_set
-from app.pipeline import Pipeline, expand
+from svdprune_jax.synthetic.bundled import MODEL_DIR, SCENES
+from svdprune_jax.synthetic.benchmark import load_test_set
+from svdprune_jax.inference.pipeline import Pipeline, expand
 
 N_ACCURACY = 300  # the fixed test subset: the first 300 test-split seeds
 N_TRANSFORMERS = 12

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import cli
-from app.pipeline import Pipeline, expand, left_pad
-from app.synthetic import ANSWERS
+from svdprune_jax.cli import main as cli
+from svdprune_jax.synthetic import bundled
+from svdprune_jax.inference.pipeline import Pipeline, expand, left_pad
+from svdprune_jax.synthetic.samples import ANSWERS
 from tiny_bundled import tiny_model_dir
 
 
@@ -49,17 +50,30 @@ def test_run_adaptive_spec(model_dir, tmp_path, capsys):
     """An adaptive spec answers at the image's own budget: a bucket of the given one, the pipeline's choice."""
     out = run_json(capsys, "--model", model_dir, "--keep", 12, "--method", "svd:adaptive=0.5:matrix=projector",
                    "--max-new-tokens", 2, "--out", tmp_path / "k.png")
-    image = Image.open(cli.EXAMPLE_IMAGE)
+    image = Image.open(bundled.EXAMPLE_IMAGE)
     want = Pipeline.load(model_dir).adaptive_keep([image], "svd:adaptive=0.5:matrix=projector", 12)
     assert out["keep"] == len(out["kept_indices"]) == want[0] and want[0] in (2, 3, 6, 12)
     assert out["method"] == "svd:adaptive=0.5:matrix=projector"
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA"])
-def test_run_refuses_non_rgb(model_dir, tmp_path, mode, capsys):
-    Image.new(mode, (80, 80)).save(tmp_path / "x.png")
-    with pytest.raises(SystemExit, match=f"is {mode}, not RGB"):
-        cli.main(["run", "--model", str(model_dir), "--image", str(tmp_path / "x.png")])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_run_converts_other_modes_like_transformers(model_dir, tmp_path, mode, capsys, caplog):
+    """A grayscale, RGBA or palette image answers as its RGB conversion (transparency on white, as transformers'
+    `convert_to_rgb`), with a one-line note naming the file."""
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 255, (80, 80, 4), np.uint8), "RGBA")
+    image = rgba if mode == "RGBA" else rgba.convert("RGB").convert(mode)
+    image.save(tmp_path / "x.png")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    expected = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    expected.save(tmp_path / "rgb.png")
+    argv = ["--model", model_dir, "--keep", 9, "--max-new-tokens", 3, "--out", tmp_path / "k.png"]
+    with caplog.at_level("WARNING"):
+        got = run_json(capsys, *argv, "--image", tmp_path / "x.png")
+    notes = [r.getMessage() for r in caplog.records if "converted to RGB" in r.getMessage()]
+    assert len(notes) == 1 and "x.png" in notes[0] and mode in notes[0]
+    want = run_json(capsys, *argv, "--image", tmp_path / "rgb.png")
+    assert got["token_ids"] == want["token_ids"] and got["kept_indices"] == want["kept_indices"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -106,7 +120,7 @@ def test_run_without_arguments_answers_the_bundled_example(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # the picture goes to the working directory
     out = run_json(capsys)
     assert (tmp_path / f"kept_tokens_svd_{out['keep']}.png").is_file()
-    example = json.loads((cli.ASSETS / "example.json").read_text())
+    example = bundled.example()
     assert out["method"] == "svd" and out["keep"] == round(64 / 576 * out["image_tokens"])
     assert out["question"] == example["question"] and out["truth"] == example["answer"]
     assert out["answer"] in ANSWERS[example["family"]], out["answer"]

@@ -9,7 +9,7 @@ import torch
 import transformers
 from flax import nnx
 
-from models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, feature_layers
+from svdprune_jax.models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, feature_layers
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=28, patch_size=7)
 

@@ -14,11 +14,11 @@ import transformers
 from flax import nnx, traverse_util
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
-import convert
-from convert import keymap
-from convert.checkpoint import PARAMS, UNUSED
-from convert.safetensors_io import INDEX, SINGLE, read_checkpoint, read_header, write_file
-from models import llava
+import svdprune_jax.convert as convert
+from svdprune_jax.convert import keymap
+from svdprune_jax.convert.checkpoint import PARAMS, UNUSED
+from svdprune_jax.convert.safetensors_io import INDEX, SINGLE, read_checkpoint, read_header, write_file
+from svdprune_jax.models import llava
 from tiny_hf import tiny_llava
 
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import eval_synthetic, evaluate
-from app.bundled import MODEL_DIR, SCENES
-from app.eval_harness import read_results, results_path
-from app.methods import parse
-from app.stats import mcnemar_exact
-from app.pipeline import GIVEN, Answer, Pipeline
-from app.synthetic import FAMILIES, make_sample, split_seeds
+from svdprune_jax.synthetic import benchmark as eval_synthetic
+from svdprune_jax.cli import evaluate
+from svdprune_jax.synthetic.bundled import MODEL_DIR, SCENES
+from svdprune_jax.evaluation.harness import read_results, results_path
+from svdprune_jax.inference.methods import parse
+from svdprune_jax.evaluation.stats import mcnemar_exact
+from svdprune_jax.inference.pipeline import GIVEN, Answer, Pipeline
+from svdprune_jax.synthetic.samples import FAMILIES, make_sample, split_seeds
 from svdprune_jax import budget_buckets
 from tiny_bundled import tiny_model_dir
 

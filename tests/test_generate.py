@@ -7,9 +7,9 @@ import torch
 from jax import monitoring
 
 from hf_reference import from_hf, pixels, prompts, tiny
-from models.generate import generate
-from models.llama import FastV
-from models.llava import Pruning
+from svdprune_jax.models.generate import generate
+from svdprune_jax.models.llama import FastV
+from svdprune_jax.models.llava import Pruning
 
 M = 20
 

@@ -11,8 +11,8 @@ from flax import nnx
 
 from hf_reference import from_hf, prompts, tiny
 from tiny_hf import IMAGE_TOKEN_ID
-from models.llama import FastV, LlamaConfig, RMSNorm, apply_rope, init_cache, rope
-from models.llava import positions
+from svdprune_jax.models.llama import FastV, LlamaConfig, RMSNorm, apply_rope, init_cache, rope
+from svdprune_jax.models.llava import positions
 
 
 @pytest.fixture(scope="module")

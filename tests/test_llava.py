@@ -12,7 +12,7 @@ from transformers import LlavaConfig as HFLlavaConfig
 
 import svdprune_jax
 from hf_reference import from_hf, hf_positions, pixels, prompts, tiny
-from models.llava import LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning, adaptive_keep, forward
+from svdprune_jax.models.llava import LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning, adaptive_keep, forward
 from test_adaptive import ref_adaptive
 from test_leverage import ref_leverage
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import svdprune_jax as sp
-from app.methods import MethodSpec, parse, parse_list
-from app.pipeline import METHODS
-from models.llava import Pruning
+from svdprune_jax.inference.methods import MethodSpec, parse, parse_list
+from svdprune_jax.inference.pipeline import METHODS
+from svdprune_jax.models.llava import Pruning
 
 ALLOWED = (*METHODS, "oracle")
 

@@ -13,9 +13,9 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from convert import save_model
-from models import sharding
-from models.llava import LLAVA_15_13B, LLAVA_15_7B
+from svdprune_jax.convert import save_model
+from svdprune_jax.models import sharding
+from svdprune_jax.models.llava import LLAVA_15_13B, LLAVA_15_7B
 from tiny_sharded import random_model
 
 TESTS = Path(__file__).resolve().parent

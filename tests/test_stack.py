@@ -5,10 +5,10 @@ import pytest
 from flax import nnx
 
 from hf_reference import from_hf, pixels, prompts, tiny
-from models.generate import generate
-from models.llama import FastV
-from models.llava import Pruning, forward
-from models.stack import per_layer
+from svdprune_jax.models.generate import generate
+from svdprune_jax.models.llama import FastV
+from svdprune_jax.models.llava import Pruning, forward
+from svdprune_jax.models.stack import per_layer
 
 M = 6
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from app.stats import bootstrap_ci, mcnemar_exact
+from svdprune_jax.evaluation.stats import bootstrap_ci, mcnemar_exact
 
 
 def binom_two_sided(k, m):

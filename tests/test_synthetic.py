@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.scene import (COLOURS, GLYPH_BITMAPS, GLYPHS, MIN_COVERAGE, PALETTE, QUADRANTS, SHAPES, SceneConfig,
+from svdprune_jax.synthetic.scene import (COLOURS, GLYPH_BITMAPS, GLYPHS, MIN_COVERAGE, PALETTE, QUADRANTS, SHAPES, SceneConfig,
                        glyph_rgb, render)
-from app.synthetic import (ANSWERS, FAMILIES, MAX_OBJECTS, MIN_OBJECTS, SPLITS, all_questions, family_stats, make_batch,
+from svdprune_jax.synthetic.samples import (ANSWERS, FAMILIES, MAX_OBJECTS, MIN_OBJECTS, SPLITS, all_questions, family_stats, make_batch,
                            follow_ups, make_sample, quadrant_questions, scene_questions, split_seeds, write_samples)
 
 CFG = SceneConfig()
@@ -37,7 +37,7 @@ def test_same_seed_same_bytes_in_a_fresh_process():
     here = [_digest(make_sample(s)) for s in seeds]
     assert here == [_digest(make_sample(s)) for s in seeds]
     assert len(set(here)) == len(here)
-    code = (f"import hashlib\nfrom app.synthetic import make_sample\n{inspect.getsource(_digest)}\n"
+    code = (f"import hashlib\nfrom svdprune_jax.synthetic.samples import make_sample\n{inspect.getsource(_digest)}\n"
             f"print(*[_digest(make_sample(s)) for s in {seeds}])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
@@ -224,7 +224,7 @@ def test_config_is_validated():
 def test_tokenizer_and_processor_load_in_transformers(tmp_path, samples):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerFast
 
-    from app.vocab import SPECIAL_TOKENS, prompt, save_processor_files
+    from svdprune_jax.synthetic.vocab import SPECIAL_TOKENS, prompt, save_processor_files
     save_processor_files(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert tok.convert_ids_to_tokens(list(range(5))) == list(SPECIAL_TOKENS)

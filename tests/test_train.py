@@ -1,11 +1,11 @@
-"""Smoke tests of the bundled model's training (app.train) on the tiny recipe: every stage learns, an interrupted
+"""Smoke tests of the bundled model's training (svdprune_jax.synthetic.train) on the tiny recipe: every stage learns, an interrupted
 run resumes to exactly the state of an uninterrupted one, and the export loads in transformers with our logits."""
 import numpy as np
 import pytest
 
-from app import train as T
-from app.synthetic import follow_ups, make_sample
-from app.vocab import EOS, build_tokenizer, image_processor
+from svdprune_jax.synthetic import train as T
+from svdprune_jax.synthetic.samples import follow_ups, make_sample
+from svdprune_jax.synthetic.vocab import EOS, build_tokenizer, image_processor
 
 RECIPE = T.RECIPES["tiny"]
 

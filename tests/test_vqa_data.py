@@ -8,8 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from app.eval_harness import BASELINE, evaluate, read_results, results_path, summarize
-from app.vqa_data import load, read
+from svdprune_jax.evaluation.harness import BASELINE, evaluate, read_results, results_path, summarize
+from svdprune_jax.evaluation.vqa_data import load, read
 
 
 def _image(path):
@@ -206,8 +206,8 @@ def test_resume_after_interruption_gives_the_same_table(gqa, tmp_path):
 
 _KILLED_RUN = """
 import os, sys
-from app.eval_harness import evaluate
-from app.vqa_data import load
+from svdprune_jax.evaluation.harness import evaluate
+from svdprune_jax.evaluation.vqa_data import load
 calls = []
 def predict(batch, method, budget):
     if len(calls) == 3:

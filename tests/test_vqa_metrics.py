@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from app.vqa_metrics import gqa_score, normalize_gqa, normalize_textvqa, textvqa_score
+from svdprune_jax.evaluation.vqa_metrics import gqa_score, normalize_gqa, normalize_textvqa, textvqa_score
 
 
 @pytest.mark.parametrize("answer, expected", [

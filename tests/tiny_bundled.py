@@ -5,10 +5,10 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from app.bundled import PRESETS, SCENES
-from app.vocab import save_processor_files
-from convert import save_model
-from models.llava import Llava
+from svdprune_jax.synthetic.bundled import PRESETS, SCENES
+from svdprune_jax.synthetic.vocab import save_processor_files
+from svdprune_jax.convert import save_model
+from svdprune_jax.models.llava import Llava
 
 
 def tiny_model_dir(out: Path, seed: int = 0) -> Path:

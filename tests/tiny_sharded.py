@@ -3,9 +3,9 @@ heads: GQA), and a batch of 8 left-padded prompts: the model of the sharded and 
 import numpy as np
 from flax import nnx
 
-from models.clip import CLIPVisionConfig
-from models.llama import LlamaConfig
-from models.llava import Llava, LlavaConfig
+from svdprune_jax.models.clip import CLIPVisionConfig
+from svdprune_jax.models.llama import LlamaConfig
+from svdprune_jax.models.llava import Llava, LlavaConfig
 
 B = 8  # prompts, one image each
 CONFIG = LlavaConfig(

@@ -1,8 +1,8 @@
 """`svdprune-jax eval synthetic|gqa|textvqa ...`: accuracy of pruning methods x budgets.
 
-  synthetic       the bundled benchmark's test split, every method and budget (see `app.eval_synthetic`)
-  gqa, textvqa    the paper's benchmarks from their official files (layouts in `app.vqa_data`), through the
-                  resumable harness (`app.eval_harness`) with LLaVA-1.5's evaluation prompt and greedy decoding
+  synthetic       the bundled benchmark's test split, every method and budget (see `svdprune_jax.synthetic.benchmark`)
+  gqa, textvqa    the paper's benchmarks from their official files (layouts in `svdprune_jax.evaluation.vqa_data`), through the
+                  resumable harness (`svdprune_jax.evaluation.harness`) with LLaVA-1.5's evaluation prompt and greedy decoding
 
     svdprune-jax eval gqa --data DIR --model DIR [--methods svd,fastv] [--keep 64,32,16] [--out DIR] [--strict]
 
@@ -24,13 +24,16 @@ from pathlib import Path
 
 import jax
 
-from app import eval_harness, eval_synthetic, vqa_data
-from app.bundled import MODEL_DIR
-from app.methods import parse_list
-from app.pictures import accuracy_plot
-from app.pipeline import CHAT_TEMPLATE, METHODS, Pipeline, check_template, read_image
-from app.stats import RESAMPLES
-from models import sharding
+from svdprune_jax.evaluation import harness as eval_harness
+from svdprune_jax.synthetic import benchmark as eval_synthetic
+from svdprune_jax.evaluation import vqa_data
+from svdprune_jax.synthetic.bundled import MODEL_DIR
+from svdprune_jax.inference.methods import parse_list
+from svdprune_jax.inference.pictures import accuracy_plot
+from svdprune_jax.inference.images import read_image
+from svdprune_jax.inference.pipeline import CHAT_TEMPLATE, METHODS, Pipeline, check_template
+from svdprune_jax.evaluation.stats import RESAMPLES
+from svdprune_jax.models import sharding
 
 BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
 VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
@@ -79,7 +82,7 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
                    help=f"directory with {' and '.join(vqa_data.LAYOUTS[name])}")
     p.add_argument("--model", type=Path, required=True, help="HF LLaVA directory or our converted checkpoint")
     p.add_argument("--methods", nargs="+", default=list(VQA_METHODS),
-                   help=f"method specs (app/methods.py, e.g. svd:energy=0.9), methods from {', '.join(VQA_METHODS)}")
+                   help=f"method specs (svdprune_jax.inference.methods, e.g. svd:energy=0.9), methods from {', '.join(VQA_METHODS)}")
     p.add_argument("--keep", nargs="+", default=["64", "32", "16"], help="image tokens kept (default 64,32,16)")
     p.add_argument("--out", type=Path, default=None, help=f"results directory (default eval/{name})")
     p.add_argument("--strict", action="store_true", help="fail on bad entries instead of skipping them")
@@ -142,7 +145,7 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p.add_argument("--split", choices=("validation", "test"), default="test",
                    help="choose hyperparameters on validation; read test once per final configuration")
     p.add_argument("--methods", nargs="+", default=list(methods),
-                   help=f"method specs (app/methods.py), e.g. svd,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
+                   help=f"method specs (svdprune_jax.inference.methods), e.g. svd,svd:rank=k,lrcp:r=4,svd:adaptive=0.9,"
                         f"svd:matrix=projector; methods from {', '.join(methods)} (default: each plain method)")
     p.add_argument("--budgets", nargs="+", default=list(budgets),
                    help="shares of the image tokens (50%%, 64/576) or token counts (default: %(default)s)")
@@ -165,8 +168,8 @@ def items(values: Sequence[str]) -> list[str]:
     return [v for value in values for v in value.split(",") if v]
 
 
-def main(argv: Sequence[str] | None = None):
-    p = argparse.ArgumentParser(prog="svdprune-jax eval", description=__doc__.split("\n\n")[0],
+def main(argv: Sequence[str] | None = None, prog: str = "svdprune-jax eval"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog="`svdprune-jax eval BENCHMARK --help` lists a benchmark's options")
     p.add_argument("benchmark", choices=BENCHMARKS)
     p.add_argument("options", nargs=argparse.REMAINDER)

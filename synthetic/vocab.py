@@ -9,7 +9,7 @@ The image processor is transformers' CLIP processor at the generator's size (res
 crop to image_size, which is the identity on generated images) with OpenAI-CLIP mean/std: the same
 normalisation as LLaVA-1.5, so any image goes through the processor exactly as it would for a real LLaVA.
 
-    python -m app.vocab OUT_DIR      # writes tokenizer.json, tokenizer_config.json, preprocessor_config.json
+    python -m svdprune_jax.synthetic.vocab OUT_DIR      # writes tokenizer.json, tokenizer_config.json, preprocessor_config.json
 """
 
 import sys
@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from app.scene import SceneConfig
-from app.synthetic import ANSWERS, training_questions
+from svdprune_jax.synthetic.scene import SceneConfig
+from svdprune_jax.synthetic.samples import ANSWERS, training_questions
 
 UNK, BOS, EOS, PAD, IMAGE_TOKEN = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE_TOKEN)
@@ -79,5 +79,5 @@ def save_processor_files(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m app.vocab OUT_DIR")
+        sys.exit("usage: python -m svdprune_jax.synthetic.vocab OUT_DIR")
     print(save_processor_files(sys.argv[1]))

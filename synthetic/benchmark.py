@@ -3,9 +3,9 @@
 
 Each question gets one greedy answer through `Pipeline.answer` (the path `svdprune-jax run` takes), scored by
 exact match with its one-word answer, overall and per question family. Methods are method specs
-(`app.methods`: "svd", "svd:energy=0.9", "lrcp:r=4", "svd:adaptive=0.9", ...); results are keyed by the spec as
+(`svdprune_jax.inference.methods`: "svd", "svd:energy=0.9", "lrcp:r=4", "svd:adaptive=0.9", ...); results are keyed by the spec as
 given. Alongside accuracy:
-- a 95% bootstrap interval over questions for every accuracy (`app.stats.bootstrap_ci`, seeded: every method
+- a 95% bootstrap interval over questions for every accuracy (`svdprune_jax.evaluation.stats.bootstrap_ci`, seeded: every method
   is resampled with the same draws);
 - object recall, for the selectors that prune before the language model: the share of the asked object's
   patches (the sample's mask) among the kept tokens, averaged over questions that ask about an object
@@ -41,15 +41,15 @@ from PIL import Image
 from tqdm import tqdm
 
 import svdprune_jax
-from app.bundled import SCENES
-from app.methods import MethodSpec, parse, parse_list
-from app.pictures import accuracy_plot, kept_grid
-from app.pipeline import GIVEN, Pipeline
-from app.scene import SceneConfig
-from app.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
-from app.synthetic import FAMILIES, make_sample, split_seeds
-from models import sharding
-from models.clip import CLIPVisionConfig
+from svdprune_jax.synthetic.bundled import SCENES
+from svdprune_jax.inference.methods import MethodSpec, parse, parse_list
+from svdprune_jax.inference.pictures import accuracy_plot, kept_grid
+from svdprune_jax.inference.pipeline import GIVEN, Pipeline
+from svdprune_jax.synthetic.scene import SceneConfig
+from svdprune_jax.evaluation.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
+from svdprune_jax.synthetic.samples import FAMILIES, make_sample, split_seeds
+from svdprune_jax.models import sharding
+from svdprune_jax.models.clip import CLIPVisionConfig
 
 ORACLE = "oracle"
 FULL = "full"

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.vqa_data import Dataset, Sample
-from app.vqa_metrics import SCORES
+from svdprune_jax.evaluation.vqa_data import Dataset, Sample
+from svdprune_jax.evaluation.vqa_metrics import SCORES
 
 log = logging.getLogger(__name__)
 
 Predict = Callable[[Sequence[Sample], str, int | None], list[str]]
 BASELINE = ("full", None)  # the unpruned model: every vision token kept
-_METHOD_NAME = re.compile(r"[A-Za-z0-9_.:=-]+")  # method specs too (app.methods: "svd:energy=0.9")
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_.:=-]+")  # method specs too (svdprune_jax.inference.methods: "svd:energy=0.9")
 
 
 @dataclass(frozen=True)

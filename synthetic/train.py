@@ -1,4 +1,4 @@
-"""Trains the bundled tiny LLaVA (`app.bundled`) on the synthetic benchmark with our `models/` code, in stages.
+"""Trains the bundled tiny LLaVA (`svdprune_jax.synthetic.bundled`) on the synthetic benchmark with our `models/` code, in stages.
 
   stage 1  the vision tower alone, densely supervised: linear heads on its feature layer (the one LLaVA reads)
            predict every patch's colour, shape, colour-shape binding, glyph, object-centre kind (the binding of
@@ -19,7 +19,7 @@ state + stage + step resumes exactly. OUT/recipe.json is the run's recipe (writt
 every resume: edit it to lengthen a stage). OUT holds log.txt, history.jsonl, curves.png, checkpoint.npz,
 stage{N}.npz (each stage's end) and results.json.
 
-    python -m app.train [--out runs/bundled] [--recipe bundled] [--until {N,export}] [--max-steps N]
+    python -m svdprune_jax.synthetic.train [--out runs/bundled] [--recipe bundled] [--until {N,export}] [--max-steps N]
 """
 import argparse
 import contextlib
@@ -33,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -47,22 +46,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import GenerationConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from app.bundled import MODEL_DIR, PRESETS, SCENES
-from app.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
-from app.eval_synthetic import oracle_scores
-from app.token_subsets import apply_subset, draw_subset, uniform_subset
-from app.synthetic import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
+from svdprune_jax.synthetic.bundled import MODEL_DIR, PRESETS, SCENES
+from svdprune_jax.synthetic.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
+from svdprune_jax.synthetic.benchmark import oracle_scores
+from svdprune_jax.synthetic.token_subsets import apply_subset, draw_subset, uniform_subset
+from svdprune_jax.synthetic.samples import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
                            training_questions)
-from app.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
-from convert import export_checkpoint, load_model, save_params
-from convert.checkpoint import UNUSED
-from convert.hf_config import write_config
-from convert.keymap import RULES
-from convert.safetensors_io import write_file
-from models.generate import generate
-from models.llava import Llava, LlavaConfig, positions
+from svdprune_jax.synthetic.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
+from svdprune_jax.convert import export_checkpoint, load_model, save_params
+from svdprune_jax.convert.checkpoint import UNUSED
+from svdprune_jax.convert.hf_config import write_config
+from svdprune_jax.convert.keymap import RULES
+from svdprune_jax.convert.safetensors_io import write_file
+from svdprune_jax.models.generate import generate
+from svdprune_jax.models.llava import Llava, LlavaConfig, positions
 
-log = logging.getLogger("app.train")
+log = logging.getLogger("svdprune_jax.synthetic.train")
 
 PAIRS = len(COLOURS) * len(SHAPES)
 COUNT_CLASSES = 5  # 0..4 objects of one colour-shape pair (the generator never puts more in a scene)
@@ -80,9 +79,9 @@ class Stage:
     # Question-answer turns per sequence (1: the sample's own question only). One answer per image and forward
     # pass is little signal for the decoder's retrieval; follow-up turns give several per image for ~2x the tokens.
     turns: int = 1
-    # Follow-ups: first up to `by_quadrant` quadrant-only questions (app.synthetic.quadrant_questions), then up
+    # Follow-ups: first up to `by_quadrant` quadrant-only questions (svdprune_jax.synthetic.samples.quadrant_questions), then up
     # to `need_quadrant` colour/shape questions whose named attribute also occurs in another quadrant
-    # (app.synthetic.scene_questions), then a spread over the families. Without the first kind, a decoder trained
+    # (svdprune_jax.synthetic.samples.scene_questions), then a spread over the families. Without the first kind, a decoder trained
     # on pooled features, then the full grid, with needs-quadrant follow-ups (the first bundled recipe, 10,100
     # VQA steps) found objects by the named attribute alone: needs-quadrant colour and shape questions at 0.53-0.58
     # on training and validation scenes alike, and adding quadrant-only follow-ups to it for 300 steps moved
@@ -94,7 +93,7 @@ class Stage:
     # schedule (the bundled stage 2 was cut at step 1850 of 3000 when the next stage took over, stage 4 at 1500 of
     # 3000 when validation reached 0.93).
     decay_steps: int = 0
-    # Share of training sequences whose image tokens are a random subset of the grid (`app.token_subsets`: size
+    # Share of training sequences whose image tokens are a random subset of the grid (`svdprune_jax.synthetic.token_subsets`: size
     # log-uniform in [min_tokens, N], uniform or region-shaped), so the decoder reads pruned sequences.
     subsets: float = 0.0
     min_tokens: int = 4
@@ -102,7 +101,7 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    model: str  # key of app.bundled.PRESETS and SCENES
+    model: str  # key of svdprune_jax.synthetic.bundled.PRESETS and SCENES
     seed: int
     n_train: int
     n_val: int
@@ -138,7 +137,7 @@ RECIPES = {
     # unchanged, 3 of 4 sequences read a token subset (`Stage.subsets`), the rest the full grid.
     "bundled_subsets": Recipe("bundled", seed=1, n_train=30_000, n_val=500, n_test=1000, init="bundled",
                               stages=(Stage(0, 32, 1e-3, 0),
-                                      Stage(1600, 32, 3e-4, 100, turns=9, need_quadrant=1, subsets=0.75)),
+                                      Stage(1000, 32, 3e-4, 100, turns=9, need_quadrant=1, subsets=0.75)),
                               eval_every=200, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
@@ -759,8 +758,9 @@ def plot_curves(records: list[dict], path: Path):
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/bundled"))
     p.add_argument("--recipe", choices=tuple(RECIPES), help="for a fresh run (default bundled); a resume reads OUT/recipe.json")
     stages = range(1, max(len(r.stages) for r in RECIPES.values()) + 1)

@@ -1,19 +1,27 @@
 """The bundled tiny LLaVA: its architecture (presets), scene geometry and where its files live.
 
 Same shape as LLaVA-1.5: CLIP ViT tower (no conv stem) read at `vision_feature_layer` -2, a 2-layer GELU
-projector, a LLaMA decoder, over the word-level vocabulary of `app.vocab`. The tower's last layer is never
-read by LLaVA; it exists so that the exported model is LLaVA-1.5-shaped (see `app.train.export`).
+projector, a LLaMA decoder, over the word-level vocabulary of `svdprune_jax.synthetic.vocab`. The tower's last layer is never
+read by LLaVA; it exists so that the exported model is LLaVA-1.5-shaped (see `svdprune_jax.synthetic.train.export`).
 """
 import functools
+import json
 from pathlib import Path
 
-from app.scene import SceneConfig
-from app.vocab import IMAGE_TOKEN, build_tokenizer
-from models.clip import CLIPVisionConfig
-from models.llama import LlamaConfig
-from models.llava import LlavaConfig
+from svdprune_jax.synthetic.scene import SceneConfig
+from svdprune_jax.synthetic.vocab import IMAGE_TOKEN, build_tokenizer
+from svdprune_jax.models.clip import CLIPVisionConfig
+from svdprune_jax.models.llama import LlamaConfig
+from svdprune_jax.models.llava import LlavaConfig
 
-MODEL_DIR = Path(__file__).resolve().parent / "assets" / "model"  # the exported HF directory shipped in the repo
+ASSETS = Path(__file__).resolve().parent / "assets"  # package data
+MODEL_DIR = ASSETS / "model"  # the exported HF directory
+EXAMPLE_IMAGE = ASSETS / "example.png"  # `svdprune-jax run`'s default image; example.json holds its question
+
+
+def example() -> dict:
+    """The bundled example's question, answer and how it was chosen."""
+    return json.loads((ASSETS / "example.json").read_text())
 
 SCENES = {
     "bundled": SceneConfig(),  # 112 x 112 px, patch 8: 14 x 14 = 196 image tokens

@@ -2,7 +2,7 @@
 
 A method is one of `svdprune_jax.METHODS` (pruning between the vision tower and the projector), "fastv"
 (pruning inside the language model at layer K) or "full" (no pruning), given as a method spec with its
-options (`app.methods`: "svd:energy=0.9:matrix=projector"). The budget `keep` is the number of image tokens
+options (`svdprune_jax.inference.methods`: "svd:energy=0.9:matrix=projector"). The budget `keep` is the number of image tokens
 the language model reads (FastV: from layer K on). Adaptive specs choose a budget per image
 (`Pipeline.adaptive_keep`); each budget is then answered with the spec's fixed form (`MethodSpec.fixed`).
 """
@@ -19,13 +19,13 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 import svdprune_jax
-from app.methods import MethodSpec, parse
-from convert.checkpoint import load_model
-from convert.hf_config import processor_path, tokenizer_path
-from models import sharding, stack
-from models.generate import generate
-from models.llama import FastV
-from models.llava import GIVEN, LlavaConfig, adaptive_keep
+from svdprune_jax.inference.methods import MethodSpec, parse
+from svdprune_jax.convert.checkpoint import load_model
+from svdprune_jax.convert.hf_config import processor_path, tokenizer_path
+from svdprune_jax.models import sharding, stack
+from svdprune_jax.models.generate import generate
+from svdprune_jax.models.llama import FastV
+from svdprune_jax.models.llava import GIVEN, LlavaConfig, adaptive_keep
 
 log = logging.getLogger(__name__)
 METHODS = ("full", *svdprune_jax.METHODS, "fastv")  # answer() also takes GIVEN, with the caller's scores
@@ -66,7 +66,7 @@ class Pipeline:
         return self.config.num_image_tokens
 
     def spec(self, method: str | MethodSpec) -> MethodSpec:
-        """A method spec (`app.methods`), parsed when given as text."""
+        """A method spec (`svdprune_jax.inference.methods`), parsed when given as text."""
         return method if isinstance(method, MethodSpec) else parse(method, (*METHODS, GIVEN))
 
     def budget(self, method: str | MethodSpec, keep: int | None) -> int:
@@ -166,23 +166,3 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     for i, row in enumerate(rows):
         ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
     return ids, mask
-
-
-def read_image(path: str | Path, *, convert: bool = False) -> Image.Image:
-    """An RGB image file; other modes (grayscale, RGBA, palette...) are refused, not silently converted, unless
-    `convert`: then PIL converts them and a warning names the file (LLaVA's own evaluation converts every image)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"image {path} does not exist")
-    try:
-        image = Image.open(path)
-        image.load()
-    except OSError as e:
-        raise ValueError(f"image {path} cannot be read: {e}") from None
-    if image.mode != "RGB" and convert:
-        log.warning("image %s is %s; converted to RGB", path, image.mode)
-        return image.convert("RGB")
-    if image.mode != "RGB":
-        raise ValueError(f"image {path} is {image.mode}, not RGB; convert it first "
-                         f"(e.g. PIL: Image.open(p).convert('RGB'))")
-    return image

@@ -6,7 +6,7 @@
 carries hard negatives that share one attribute with the asked object, so no single-attribute shortcut
 (colour alone, quadrant alone, shape alone) answers it.
 
-    python -m app.synthetic [--split validation] [--n 1000]     # per-family statistics
+    python -m svdprune_jax.synthetic.samples [--split validation] [--n 1000]     # per-family statistics
 """
 
 import argparse
@@ -20,7 +20,7 @@ import numpy as np
 from jaxtyping import Bool, Float32, Int32, UInt8
 from PIL import Image
 
-from app.scene import (COLOURS, GLYPH_SHAPES, GLYPHS, MIN_COVERAGE, MIN_GLYPH_COVERAGE, QUADRANTS, SHAPES, Scene,
+from svdprune_jax.synthetic.scene import (COLOURS, GLYPH_SHAPES, GLYPHS, MIN_COVERAGE, MIN_GLYPH_COVERAGE, QUADRANTS, SHAPES, Scene,
                        SceneConfig, SceneObject, glyph_pixels, object_pixels, patch_shares, render, sample_scene)
 
 FAMILIES = ("colour", "shape", "count", "read", "presence")
@@ -35,7 +35,7 @@ TEMPLATES = {
 }
 # Training follow-ups only (never a benchmark question): the object a quadrant holds alone, named by the quadrant.
 # Retrieval by position has no content shortcut here; a decoder trained without them learnt colour/shape
-# questions by the named attribute alone (see app.train.Stage.by_quadrant).
+# questions by the named attribute alone (see svdprune_jax.synthetic.train.Stage.by_quadrant).
 QUADRANT_TEMPLATES = {"colour": "What color is the object in the {quadrant}?",
                       "shape": "What shape is the object in the {quadrant}?"}
 # Disjoint seed ranges; the test split is never used for training or model selection.

@@ -1,34 +1,49 @@
-"""`svdprune-jax`: run | convert | export | eval | bench | train. Thin: parse, call the rooms, print, draw."""
+"""`svdprune-jax`: run | convert | export | eval | bench | train. Thin: parse, call the rooms, print, draw.
+
+Each command imports only what it needs (`--help` loads no JAX). `eval`, `bench` and `train` own their
+parsers (`svdprune-jax eval --help`); the options before the command are the multi-host ones.
+"""
 import argparse
-import json
+import importlib
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-EXAMPLE_IMAGE = ASSETS / "example.png"
+from svdprune_jax.cli import runtime
+
 PAPER_FRACTION = 64 / 576  # the paper's 64-of-576 budget, as a share of any model's image tokens
 MESH_HELP = ("run sharded on a device mesh: data=D,model=M with D*M = every device of every process; the batch "
              "splits over data, heads and MLP over model (default: one device)")
+# commands whose module parses its own arguments: (module, help)
+DELEGATED = {
+    "eval": ("svdprune_jax.cli.evaluate", "accuracy of every method x budget (synthetic, gqa, textvqa)"),
+    "bench": ("svdprune_jax.benchmarks", "speed, ours vs transformers PyTorch (needs torch)"),
+    "train": ("svdprune_jax.synthetic.train", "train the bundled tiny LLaVA (hours on a CPU)"),
+}
+GLOBAL_VALUES = ("--coordinator", "--num-processes", "--process-id")  # global options that take a value
 
 
 def run(args):
-    from app.bundled import MODEL_DIR
-    from app.methods import parse
-    from app.pictures import kept_overlay
-    from app.pipeline import METHODS, Pipeline, read_image
-    from models import sharding
+    import json
+    import time
 
-    example = json.loads((ASSETS / "example.json").read_text())
-    model_dir = args.model or MODEL_DIR
-    if args.model is None and not (MODEL_DIR / "config.json").is_file():
-        raise ValueError(f"the bundled model is not in this checkout ({MODEL_DIR}): train it (`svdprune-jax "
-                         "train`, see the README) or pass --model DIR (an HF LLaVA directory or our checkpoint)")
+    from svdprune_jax.inference.images import read_image
+    from svdprune_jax.inference.methods import parse
+    from svdprune_jax.inference.pictures import kept_overlay
+    from svdprune_jax.inference.pipeline import METHODS, Pipeline
+    from svdprune_jax.models import sharding
+    from svdprune_jax.synthetic import bundled
+
+    model_dir = args.model or bundled.MODEL_DIR
+    if args.model is None and not (bundled.MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"the bundled model is not installed ({bundled.MODEL_DIR}): reinstall svdprune-jax or "
+                         "pass --model DIR (an HF LLaVA directory or our checkpoint)")
     spec = parse(args.method, METHODS)
-    question = args.prompt or example["question"]
+    example = bundled.example()
+    question = args.prompt if args.prompt is not None else example["question"]
     # the bundled example's right answer, shown beside the model's so a wrong pruned answer is visible
     truth = example["answer"] if args.image is None and args.prompt is None else None
-    image = read_image(args.image or EXAMPLE_IMAGE)
+    image = read_image(args.image or bundled.EXAMPLE_IMAGE)
     t = time.perf_counter()
     pipe = Pipeline.load(model_dir, mesh=sharding.mesh_option(args.mesh))
     load_s = time.perf_counter() - t
@@ -39,7 +54,7 @@ def run(args):
         keep, spec = int(pipe.adaptive_keep([image], spec, keep)[0]), spec.fixed()
     kw = dict(method=spec, keep=keep, max_new_tokens=args.max_new_tokens, timed=True)
     t = time.perf_counter()
-    pipe.answer([image], [question], **kw)  # first call: compiles
+    pipe.answer([image], [question], **kw)  # first call: compiles (or reads the compilation cache)
     first_s = time.perf_counter() - t
     t = time.perf_counter()
     (ans,), timings = pipe.answer([image], [question], **kw)
@@ -65,35 +80,35 @@ def run(args):
 
 
 def convert(args):
-    from convert import convert_checkpoint
+    from svdprune_jax.convert import convert_checkpoint
     print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=True))
 
 
 def export(args):
-    from convert import export_checkpoint
+    from svdprune_jax.convert import export_checkpoint
     files = export_checkpoint(args.our_dir, args.hf_dir, max_shard_bytes=args.max_shard_bytes, progress=True)
     print(f"wrote {len(files)} weight file(s) to {args.hf_dir}")
 
 
 def parser() -> argparse.ArgumentParser:
-    from app.pipeline import METHODS
-
-    p = argparse.ArgumentParser(prog="svdprune-jax", description="SVD-Prune vision-token pruning for LLaVA in JAX")
+    p = argparse.ArgumentParser(prog="svdprune-jax", description="SVD-Prune vision-token pruning for LLaVA in JAX",
+                                epilog=f"{runtime.CACHE_ENV}=off turns the persistent compilation cache off "
+                                       f"(default: {runtime.default_cache_dir()})")
     d = p.add_argument_group("multi-host (before the command; every process runs the same command line)")
     d.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() with the cluster auto-detected (Cloud TPU, SLURM, Open MPI)")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="or explicitly: process 0's address")
     d.add_argument("--num-processes", type=int)
     d.add_argument("--process-id", type=int)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,convert,export,eval,bench,train}")
 
     r = sub.add_parser("run", help="answer a question about an image with pruned inference (default: bundled model)")
     r.add_argument("--model", type=Path, help="HF LLaVA directory or our converted checkpoint (default: bundled)")
-    r.add_argument("--image", type=Path, help=f"RGB image (default: {EXAMPLE_IMAGE.name})")
+    r.add_argument("--image", type=Path, help="image file; non-RGB modes are converted (default: the bundled example)")
     r.add_argument("--prompt", help="the question (default: the bundled image's question)")
     r.add_argument("--keep", type=int, help="image tokens kept (default: 64/576 of the model's image tokens)")
-    r.add_argument("--method", default="svd", help=f"a method spec, e.g. svd:energy=0.9 (app/methods.py); methods: "
-                   f"{', '.join(METHODS)} (default svd)")
+    r.add_argument("--method", default="svd", help="a method spec, e.g. svd:energy=0.9 (svdprune_jax.inference."
+                   "methods); methods: full, svd, random, norm, cls_attention, divprune, visionzip, lrcp, fastv")
     r.add_argument("--max-new-tokens", type=int, default=16)
     r.add_argument("--out", type=Path, help="PNG of the kept tokens (default: kept_tokens_METHOD_K.png)")
     r.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -112,13 +127,17 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-bytes", type=int, help="shard the safetensors at this size")
     e.set_defaults(fn=export)
 
-    for name, target, help_ in (("eval", "app.evaluate", "accuracy of every method x budget (synthetic, gqa, textvqa)"),
-                                ("bench", "benchmarks.run", "speed, ours vs transformers PyTorch"),
-                                ("train", "app.train", "train the bundled tiny LLaVA")):
-        s = sub.add_parser(name, help=help_, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(fn=lambda a, target=target: __import__(target, fromlist=["main"]).main(a.rest))
+    for name, (_, help_) in DELEGATED.items():  # listed here; their own parsers take the rest of the line
+        sub.add_parser(name, help=help_, add_help=False)
     return p
+
+
+def command_index(argv: Sequence[str]) -> int | None:
+    """Where the command stands in argv, after the global options (None: no command)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in GLOBAL_VALUES else 1
+    return i if i < len(argv) else None
 
 
 def initialize_distributed(args):
@@ -132,13 +151,23 @@ def initialize_distributed(args):
         jax.distributed.initialize(*explicit)
 
 
-def main(argv: list[str] | None = None):
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runtime.set_defaults()
+    at = command_index(argv)
+    delegated = at is not None and argv[at] in DELEGATED
+    args = parser().parse_args(argv[:at + 1] if delegated else argv)
     try:
         initialize_distributed(args)
-        args.fn(args)
-    except ValueError as e:  # bad input: one clear line, no traceback
-        sys.exit(f"svdprune-jax {args.command}: error: {e}")
+        runtime.enable_compilation_cache()
+        if delegated:
+            module = importlib.import_module(DELEGATED[args.command][0])
+            return module.main(argv[at + 1:], prog=f"svdprune-jax {args.command}")
+        return args.fn(args)
+    except runtime.EXPECTED as e:  # bad input or an unusable file: one clear line, no traceback
+        sys.exit(f"svdprune-jax {args.command}: error: {runtime.describe(e)}")
+    except KeyboardInterrupt:
+        sys.exit(f"svdprune-jax {args.command}: interrupted")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 
 import svdprune_jax
 from svdprune_jax import adaptive, checks, pruning
-from models.llava import MATRICES, Pruning
+from svdprune_jax.models.llava import MATRICES, Pruning
 
 FEATURE_METHODS = ("svd", "lrcp", "norm", "divprune", "visionzip")  # they score the features: `matrix` applies
 BUDGET = svdprune_jax.BUDGET  # rank=k: the rank is the token budget

@@ -1,0 +1,50 @@
+"""Process-wide settings the CLI applies before JAX loads: thread and log defaults, the persistent XLA
+compilation cache, and which exceptions are a user's problem (one line) rather than a bug (a traceback)."""
+import os
+from pathlib import Path
+
+CACHE_ENV = "SVDPRUNE_JAX_CACHE"  # a directory for compiled programs, or "off"
+# Bad input and unusable files. Anything else is a bug and keeps its traceback.
+EXPECTED = (ValueError, OSError)
+
+
+def set_defaults() -> None:
+    """Defaults the user's environment can override. One OpenBLAS thread: NumPy's and JAX's CPU LAPACK calls
+    run on OpenBLAS, whose spinning threads fight XLA's own for the cores (docs/performance.md). transformers'
+    advisory notes ("PyTorch was not found"): the JAX path never uses torch."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "svdprune-jax" / "xla"
+
+
+def enable_compilation_cache() -> Path | None:
+    """JAX's persistent compilation cache in the user's cache directory (or `SVDPRUNE_JAX_CACHE`), so a second
+    invocation reads its compiled programs instead of compiling them again. Off with SVDPRUNE_JAX_CACHE=off;
+    a cache directory the user configured for JAX is kept."""
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = Path(setting) if setting else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: run without the cache rather than fail
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def describe(e: BaseException) -> str:
+    """One line for an expected error: an OSError names its file."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
