@@ -1,8 +1,9 @@
 """`svdprune-jax eval synthetic|gqa|textvqa ...`: accuracy of pruning methods x budgets.
 
   synthetic       the bundled benchmark's test split, every method and budget (see `svdprune_jax.synthetic.benchmark`)
-  gqa, textvqa    the paper's benchmarks from their official files (layouts in `svdprune_jax.evaluation.vqa_data`), through the
-                  resumable harness (`svdprune_jax.evaluation.harness`) with LLaVA-1.5's evaluation prompt and greedy decoding
+  gqa, textvqa    the paper's benchmarks, from their official files or LLaVA's eval bundle (layouts in
+                  `svdprune_jax.evaluation.vqa_data`), through the resumable harness (`svdprune_jax.evaluation.harness`)
+                  with LLaVA-1.5's evaluation protocol (`svdprune_jax.evaluation.protocol`) and greedy decoding
 
     svdprune-jax eval gqa --data DIR --model DIR [--methods svd,fastv] [--keep 64,32,16] [--out DIR] [--strict]
 
@@ -16,6 +17,7 @@ data axis spans them, so every batch is split across processes, each answering i
 gathered and only process 0 writes (--out must be one directory all processes see).
 """
 import argparse
+import dataclasses
 import json
 import sys
 import zlib
@@ -27,6 +29,7 @@ import jax
 from svdprune_jax.evaluation import harness as eval_harness
 from svdprune_jax.synthetic import benchmark as eval_synthetic
 from svdprune_jax.evaluation import vqa_data
+from svdprune_jax.evaluation.protocol import PROTOCOLS, Protocol
 from svdprune_jax.synthetic.bundled import MODEL_DIR
 from svdprune_jax.inference.methods import parse_list
 from svdprune_jax.inference.pictures import accuracy_plot
@@ -39,15 +42,19 @@ BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
 VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
 
 
-def vqa_predict(pipe: Pipeline, *, batch: int, max_new_tokens: int, convert_rgb: bool,
-                template: str = vqa_data.PROMPT) -> eval_harness.Predict:
-    """The harness's predict: the prompt template (default LLaVA-1.5's eval prompt), greedy answers, batches filled
-    up to `batch` rows by repeating questions (their answers dropped) so that one compiled shape serves a run."""
+def vqa_predict(pipe: Pipeline, protocol: Protocol, *, batch: int, max_new_tokens: int, convert_rgb: bool,
+                template: str | None = None) -> eval_harness.Predict:
+    """The harness's predict: images and user texts as `protocol` makes them, its conversation (or `template`),
+    greedy answers, batches filled up to `batch` rows by repeating questions (their answers dropped) so that one
+    compiled shape serves a run."""
+    template = template or protocol.template
+
     def predict(samples: Sequence[vqa_data.Sample], method: str, budget: int | None) -> list[str]:
-        images = [read_image(s.image, convert=convert_rgb) for s in samples]
+        images = [protocol.image(read_image(s.image, convert=convert_rgb), pipe.processor.image_mean) for s in samples]
+        texts = [protocol.user_text(s.question, s.ocr) for s in samples]
         rows = [i % len(samples) for i in range(max(batch, len(samples)))]
         key = jax.random.key(zlib.crc32(samples[0].qid.encode()))  # random pruning: fixed by the batch
-        answers, _ = pipe.answer([images[i] for i in rows], [samples[i].question for i in rows],
+        answers, _ = pipe.answer([images[i] for i in rows], [texts[i] for i in rows],
                                  method=method, keep=budget, max_new_tokens=max_new_tokens,
                                  template=template, key=key)
         return [a.text for a in answers[:len(samples)]]
@@ -78,8 +85,9 @@ def warm_up(dataset: vqa_data.Dataset, predict: eval_harness.Predict, runs, out_
 def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p = argparse.ArgumentParser(prog=f"svdprune-jax eval {name}",
                                 description=f"{name}: accuracy of every method x budget, resumable")
+    layouts = vqa_data.LAYOUTS[name]
     p.add_argument("--data", type=Path, required=True,
-                   help=f"directory with {' and '.join(vqa_data.LAYOUTS[name])}")
+                   help="directory with " + " or ".join(f"{q} and {i}/ ({k})" for k, (q, i) in layouts.items()))
     p.add_argument("--model", type=Path, required=True, help="HF LLaVA directory or our converted checkpoint")
     p.add_argument("--methods", nargs="+", default=list(VQA_METHODS),
                    help=f"method specs (svdprune_jax.inference.methods, e.g. svd:energy=0.9), methods from {', '.join(VQA_METHODS)}")
@@ -91,12 +99,26 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--convert-rgb", action=argparse.BooleanOptionalAction, default=True,
                    help="convert non-RGB images with a warning (default), or refuse them")
-    p.add_argument("--prompt-template", default=vqa_data.PROMPT,
-                   help="one <image> and {question} (default LLaVA-1.5's eval prompt; the bundled model was trained on "
-                        f"{CHAT_TEMPLATE!r})")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="llava15",
+                   help="llava15: LLaVA-1.5's eval (pad to square, vicuna_v1 system line, TextVQA OCR tokens); "
+                        "plain: none of them (default llava15); the options below change one part")
+    p.add_argument("--pad-square", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad the image to a square of the processor's mean colour before the processor")
+    p.add_argument("--system", action=argparse.BooleanOptionalAction, default=None,
+                   help="vicuna_v1's system line before the conversation")
+    p.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=None,
+                   help="TextVQA: the 'Reference OCR token:' line after the question")
+    p.add_argument("--instruction", action=argparse.BooleanOptionalAction, default=None,
+                   help="LLaVA's short-answer instruction after the question")
+    p.add_argument("--prompt-template", default=None,
+                   help="replaces the protocol's conversation: one <image> and {question} (the user text, ending "
+                        f"in LLaVA's instruction); the bundled model was trained on {CHAT_TEMPLATE!r}")
     p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     args = p.parse_args(argv)
-    check_template(args.prompt_template)  # before any work; `Pipeline.prompt_ids` checks it on every use
+    protocol = dataclasses.replace(PROTOCOLS[args.protocol], **{k: getattr(args, k) for k in ("pad_square", "system", "ocr", "instruction")
+                                                              if getattr(args, k) is not None})
+    template = args.prompt_template or protocol.template
+    check_template(template)  # before any work; `Pipeline.prompt_ids` checks it on every use
     specs = parse_list(args.methods, VQA_METHODS)
     adaptive = [s.text for s in specs if s.adaptive is not None]
     if adaptive:
@@ -120,10 +142,14 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
             pipe.budget(method, k)  # bad budgets fail before any work
     runs = [(m, k) for m in methods for k in keeps]
     out = args.out or Path("eval") / name
-    predict = vqa_predict(pipe, batch=args.batch, max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb,
-                          template=args.prompt_template)
+    if name == "textvqa" and protocol.ocr and not any(s.ocr for s in dataset.samples):
+        raise ValueError(f"textvqa: {args.data} has no OCR tokens (LLaVA's llava_textvqa_val_v051_ocr.jsonl, or "
+                         f"{vqa_data.ROSETTA_OCR}); pass --no-ocr to evaluate without them")
+    predict = vqa_predict(pipe, protocol, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                          convert_rgb=args.convert_rgb, template=template)
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, model=str(args.model.resolve()), prompt_template=args.prompt_template,
+    check_settings(out, model=str(args.model.resolve()), prompt_template=template,
+                   pad_square=protocol.pad_square, ocr=protocol.ocr, instruction=protocol.instruction,
                    max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb)
     warm_up(dataset, predict, runs, out, args.batch)
     write = jax.process_index() == 0

@@ -1,11 +1,19 @@
-"""GQA and TextVQA readers for the files as the benchmarks distribute them, and LLaVA-1.5's evaluation prompt.
+"""GQA and TextVQA readers, for the files as the benchmarks distribute them and as LLaVA's eval bundle has them.
 
-Layouts under a data directory (as unpacked from the official downloads):
-  gqa:      testdev_balanced_questions.json  {qid: {"imageId", "question", "answer", "isBalanced", ...}},
-            images/{imageId}.jpg
-  textvqa:  TextVQA_0.5.1_val.json  {"data": [{"question_id", "image_id", "question", "answers" (10), ...}]},
-            train_images/{image_id}.jpg  (the val images ship in the train_val zip)
-Bad entries (missing image, missing field, no answers) are logged with their id and skipped, or raise under strict.
+Layouts under a data directory (`detect` tells them apart by their question file):
+  gqa       official: testdev_balanced_questions.json  {qid: {"imageId", "question", "answer", "isBalanced", ...}},
+                      images/{imageId}.jpg
+            llava:    llava_gqa_testdev_balanced.jsonl  {"question_id", "image", "text"} per line, images/{image},
+                      and testdev_balanced_questions.json for the answers (as GQA's eval.py reads them)
+  textvqa   official: TextVQA_0.5.1_val.json  {"data": [{"question_id", "image_id", "question", "answers" (10),
+                      optionally "ocr_tokens"}]}, train_images/{image_id}.jpg (the val images ship in the train_val
+                      zip); OCR tokens from the entries or TextVQA_Rosetta_OCR_v0.2_val.json {"data": [{"image_id",
+                      "ocr_tokens"}]} when present
+            llava:    llava_textvqa_val_v051_ocr.jsonl (the text holds the OCR line), TextVQA_0.5.1_val.json for the
+                      answers, train_images/{image}
+A sample keeps the question and its OCR tokens apart; `evaluation.protocol` builds the text the model reads.
+Bad entries (missing image, missing field, no answers, a text not in LLaVA's form) are logged with their id and
+skipped, or raise under strict.
 """
 from __future__ import annotations
 
@@ -14,12 +22,16 @@ import json
 import logging
 from pathlib import Path
 
+from svdprune_jax.evaluation.protocol import parse_user_text
+
 log = logging.getLogger(__name__)
 
-PROMPT = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
-LAYOUTS = {
-    "gqa": ("testdev_balanced_questions.json", "images"),
-    "textvqa": ("TextVQA_0.5.1_val.json", "train_images"),
+GQA_QUESTIONS, TEXTVQA_ANNOTATIONS = "testdev_balanced_questions.json", "TextVQA_0.5.1_val.json"
+ROSETTA_OCR = "TextVQA_Rosetta_OCR_v0.2_val.json"
+LAYOUTS = {  # benchmark -> layout -> (question file, image folder)
+    "gqa": {"official": (GQA_QUESTIONS, "images"), "llava": ("llava_gqa_testdev_balanced.jsonl", "images")},
+    "textvqa": {"official": (TEXTVQA_ANNOTATIONS, "train_images"),
+                "llava": ("llava_textvqa_val_v051_ocr.jsonl", "train_images")},
 }
 
 
@@ -29,10 +41,7 @@ class Sample:
     image: Path
     question: str
     answers: tuple[str, ...]  # GQA: the one gold answer; TextVQA: the 10 human answers
-
-    @property
-    def prompt(self) -> str:
-        return PROMPT.format(question=self.question)
+    ocr: tuple[str, ...] | None = None  # TextVQA: the image's OCR tokens when the data has them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +62,22 @@ def _text(entry: dict, key: str) -> str:
     return value
 
 
-def _image(images: Path, image_id: str) -> Path:
-    path = images / f"{image_id}.jpg"
+def _image(images: Path, file_name: str) -> Path:
+    path = images / file_name
     if not path.is_file():
         raise _BadEntry(f"missing image file {path}")
     return path
 
 
-def _gqa_sample(qid: str, entry: dict, images: Path) -> Sample:
+def _gqa_answer(entry: dict) -> tuple[str, ...]:
     if entry.get("isBalanced") is False:  # GQA's eval.py scores balanced questions only
         raise _BadEntry("not a balanced question")
-    answer = _text(entry, "answer")
-    return Sample(qid, _image(images, _text(entry, "imageId")), _text(entry, "question"), (answer,))
+    return (_text(entry, "answer"),)
+
+
+def _gqa_sample(qid: str, entry: dict, images: Path, ocr: dict) -> Sample:
+    answers = _gqa_answer(entry)
+    return Sample(qid, _image(images, _text(entry, "imageId") + ".jpg"), _text(entry, "question"), answers)
 
 
 def _textvqa_qid(value) -> str | None:
@@ -73,7 +86,7 @@ def _textvqa_qid(value) -> str | None:
     return str(value) if ok else None
 
 
-def _textvqa_sample(qid: str, entry: dict, images: Path) -> Sample:
+def _textvqa_answers(entry: dict) -> tuple[str, ...]:
     if _textvqa_qid(entry.get("question_id")) is None:
         raise _BadEntry(f"missing or malformed 'question_id': {entry.get('question_id')!r}")
     answers = entry.get("answers")
@@ -81,15 +94,28 @@ def _textvqa_sample(qid: str, entry: dict, images: Path) -> Sample:
         raise _BadEntry(f"no answers: {answers!r}")
     if len(answers) != 10 or not all(isinstance(a, str) for a in answers):
         raise _BadEntry(f"expected 10 answer strings, got {answers!r}")
-    return Sample(qid, _image(images, _text(entry, "image_id")), _text(entry, "question"), tuple(answers))
+    return tuple(answers)
+
+
+def _textvqa_sample(qid: str, entry: dict, images: Path, ocr: dict) -> Sample:
+    answers = _textvqa_answers(entry)
+    image_id = _text(entry, "image_id")
+    tokens = entry.get("ocr_tokens", ocr.get(image_id))
+    return Sample(qid, _image(images, image_id + ".jpg"), _text(entry, "question"), answers,
+                  None if tokens is None else tuple(map(str, tokens)))
+
+
+def _json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
 
 
 def _entries(name: str, path: Path):
-    """Yields (qid, entry) in file order; a file whose top level is not the benchmark's format raises."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {name} questions {path}: {e}") from e
+    """Yields (qid, entry) of an official file in file order; a file whose top level is not the benchmark's
+    format raises."""
+    data = _json(path, f"{name} questions")
     if name == "gqa":
         if not isinstance(data, dict):
             raise ValueError(f"{path}: GQA questions must be a JSON object of question id -> question")
@@ -102,20 +128,78 @@ def _entries(name: str, path: Path):
         yield _textvqa_qid(entry.get("question_id") if isinstance(entry, dict) else None) or f"data[{i}]", entry
 
 
-def read(name: str, questions: Path, images: Path, *, strict: bool = False) -> Dataset:
-    """Reads a benchmark's question file; bad entries are logged and skipped, or raise ValueError if strict."""
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(LAYOUTS)}")
-    make = _gqa_sample if name == "gqa" else _textvqa_sample
+def _llava_entries(path: Path):
+    """Yields (qid, entry) of a LLaVA question file (one JSON object per line); a line that is not one is
+    named by its number."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read LLaVA question file {path}: {e}") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        qid = _textvqa_qid(entry.get("question_id")) if isinstance(entry, dict) else None
+        yield qid or f"line {n}", entry
+
+
+def _llava_sample(answers: dict[str, tuple[str, ...]]):
+    def make(qid: str, entry: dict, images: Path, ocr: dict) -> Sample:
+        try:
+            question, tokens = parse_user_text(_text(entry, "text"))
+        except ValueError as e:
+            raise _BadEntry(f"text {e}") from None
+        if qid not in answers:
+            raise _BadEntry("no answers for this question id")
+        return Sample(qid, _image(images, _text(entry, "image")), question, answers[qid], tokens)
+    return make
+
+
+def _answers(name: str, path: Path) -> dict[str, tuple[str, ...]]:
+    """Gold answers by question id from an official file (entries without usable answers left out)."""
+    table = {}
+    for qid, entry in _entries(name, path):
+        try:
+            table[qid] = (_gqa_answer if name == "gqa" else _textvqa_answers)(entry) if isinstance(entry, dict) else None
+        except _BadEntry:
+            continue
+    return {k: v for k, v in table.items() if v is not None}
+
+
+def _rosetta_ocr(path: Path) -> dict[str, list[str]]:
+    if not path.is_file():
+        return {}
+    data = _json(path, "TextVQA OCR tokens")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ValueError(f"{path}: Rosetta OCR must be a JSON object with a 'data' list")
+    return {str(e["image_id"]): e.get("ocr_tokens") or [] for e in data["data"] if isinstance(e, dict) and "image_id" in e}
+
+
+def read(name: str, questions: Path, images: Path, *, layout: str = "official", answers: Path | None = None,
+         ocr: Path | None = None, strict: bool = False) -> Dataset:
+    """Reads a benchmark's question file in `layout` ("official", or "llava" with the official `answers` file);
+    `ocr`: TextVQA's Rosetta OCR file, if any. Bad entries are logged and skipped, or raise ValueError if strict."""
+    if name not in LAYOUTS or layout not in LAYOUTS[name]:
+        raise ValueError(f"unknown benchmark or layout {name!r}/{layout!r}; expected one of {sorted(LAYOUTS)}")
+    if layout == "llava":
+        if answers is None:
+            raise ValueError(f"{name}: LLaVA's question file needs the official answers file beside it")
+        entries, make = _llava_entries(Path(questions)), _llava_sample(_answers(name, Path(answers)))
+    else:
+        entries, make = _entries(name, Path(questions)), _gqa_sample if name == "gqa" else _textvqa_sample
+    tokens = _rosetta_ocr(Path(ocr)) if ocr is not None else {}
     samples, skipped, seen = [], [], set()
-    for qid, entry in _entries(name, Path(questions)):
+    for qid, entry in entries:
         try:
             if qid in seen:
                 raise _BadEntry("duplicate question id")
             seen.add(qid)
             if not isinstance(entry, dict):
                 raise _BadEntry("entry is not a JSON object")
-            samples.append(make(qid, entry, Path(images)))
+            samples.append(make(qid, entry, Path(images), tokens))
         except _BadEntry as e:
             skipped.append((qid, str(e)))
     for qid, reason in skipped:
@@ -126,11 +210,29 @@ def read(name: str, questions: Path, images: Path, *, strict: bool = False) -> D
     return Dataset(name, tuple(samples), tuple(skipped))
 
 
-def load(name: str, data_dir: Path, *, strict: bool = False) -> Dataset:
-    """Reads a benchmark from its standard layout under data_dir (see LAYOUTS)."""
+def detect(name: str, data_dir: Path) -> str:
+    """The layout of a data directory: "llava" where LLaVA's question file is (the official file may stand beside
+    it for the answers), else "official"."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(LAYOUTS)}")
-    questions, images = (Path(data_dir) / p for p in LAYOUTS[name])
+    for layout in ("llava", "official"):
+        questions = LAYOUTS[name][layout][0]
+        if (Path(data_dir) / questions).is_file():
+            return layout
+    wanted = " or ".join(q for q, _ in LAYOUTS[name].values())
+    raise ValueError(f"{name}: {data_dir} holds no question file ({wanted})")
+
+
+def load(name: str, data_dir: Path, *, strict: bool = False) -> Dataset:
+    """Reads a benchmark from whichever layout data_dir holds (see LAYOUTS, `detect`)."""
+    layout = detect(name, data_dir)
+    data_dir = Path(data_dir)
+    questions, images = (data_dir / p for p in LAYOUTS[name][layout])
     if not images.is_dir():
         raise ValueError(f"{name}: image folder {images} not found")
-    return read(name, questions, images, strict=strict)
+    answers = data_dir / (GQA_QUESTIONS if name == "gqa" else TEXTVQA_ANNOTATIONS)
+    if layout == "llava" and not answers.is_file():
+        raise ValueError(f"{name}: {questions.name} needs the official {answers.name} beside it for the answers")
+    ocr = data_dir / ROSETTA_OCR if name == "textvqa" and layout == "official" else None
+    return read(name, questions, images, layout=layout, answers=answers if layout == "llava" else None,
+                ocr=ocr if ocr is not None and ocr.is_file() else None, strict=strict)

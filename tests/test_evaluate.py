@@ -26,7 +26,8 @@ from tiny_bundled import tiny_model_dir
 SCENE = SCENES["tiny"]  # 80 px, patch 8: 100 image tokens
 BUNDLED = SCENES["bundled"]  # 112 px, patch 8: 196 image tokens
 RUN = ["--batch", "4", "--max-new-tokens", "3"]
-CHAT = ["--prompt-template", "USER: <image>\n{question} ASSISTANT:"]  # the bundled model's training prompt
+# the bundled model's training prompt: the question alone in its conversation, the image as the processor crops it
+CHAT = ["--protocol", "plain", "--no-instruction", "--prompt-template", "USER: <image>\n{question} ASSISTANT:"]
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +304,7 @@ def test_eval_gqa_end_to_end_and_resume(tmp_path, capsys, caplog):
     assert {q: r["prediction"] for q, r in read_results(path).items()} == \
         {q: r["prediction"] for q, r in answered.items()}  # the lost answers were given again, the same
     assert [r["accuracy_pct"] for r in read_csv(out / "summary.csv")] == [r["accuracy_pct"] for r in table]
-    with pytest.raises(ValueError, match="other settings \\(prompt_template"):  # LLaVA's eval prompt: refused
+    with pytest.raises(ValueError, match="other settings \\(instruction, ocr, pad_square, prompt_template"):  # LLaVA's eval prompt: refused
         evaluate.main(argv[:-len(CHAT)])
 
 

@@ -55,8 +55,6 @@ def test_read_gqa(tmp_path):
     assert [s.qid for s in ds.samples] == ["201", "105", "300"]  # file order
     s = ds.samples[1]
     assert (s.image, s.question, s.answers) == (tmp_path / "images" / "n2.jpg", "What color is the car?", ("blue",))
-    assert s.prompt == ("USER: <image>\nWhat color is the car?\nAnswer the question using a single word or phrase."
-                        " ASSISTANT:")
 
 
 def test_read_textvqa(tmp_path):
@@ -65,7 +63,7 @@ def test_read_textvqa(tmp_path):
                   images=["003a8ae2ef43b901"])
     (s,) = load("textvqa", tmp_path).samples
     assert (s.qid, s.image.name, s.answers) == ("34602", "003a8ae2ef43b901.jpg", tuple(answers))
-    assert s.prompt.startswith("USER: <image>\nwhat brand is the phone?\n")
+    assert s.question == "what brand is the phone?" and s.ocr is None
 
 
 def test_gqa_bad_entries_are_reported_and_skipped(tmp_path, caplog):
@@ -126,6 +124,10 @@ def test_malformed_files_raise(tmp_path):
         read("textvqa", tmp_path / "nope.json", tmp_path)
     with pytest.raises(ValueError, match="unknown benchmark 'vqav2'"):
         load("vqav2", tmp_path)
+    with pytest.raises(ValueError, match="holds no question file"):
+        load("gqa", tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "testdev_balanced_questions.json").write_text("{}")
     with pytest.raises(ValueError, match="image folder"):
         load("gqa", tmp_path / "elsewhere")
 
