@@ -29,7 +29,7 @@ def run(args):
 
     from svdprune_jax.inference.images import read_image
     from svdprune_jax.inference.methods import parse
-    from svdprune_jax.inference.pictures import kept_overlay
+    from svdprune_jax.inference.pictures import CropGeometry, kept_overlay
     from svdprune_jax.inference.pipeline import METHODS, Pipeline
     from svdprune_jax.models import sharding
     from svdprune_jax.synthetic import bundled
@@ -61,9 +61,13 @@ def run(args):
     seconds = time.perf_counter() - t
     n = pipe.num_image_tokens
     kept = pipe.budget(spec, keep)
-    overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
     vis = pipe.config.vision
-    kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size).save(overlay)
+    if spec.method == "fastv":  # FastV drops tokens inside the language model: every patch reaches its first layers
+        overlay = "none (fastv keeps every patch for its first layers, then prunes by the question's attention)"
+    else:
+        overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
+        kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size,
+                     geometry=CropGeometry.of(pipe.processor)).save(overlay)
     if args.json:
         print(json.dumps(dict(answer=ans.text, token_ids=ans.token_ids, prompt_ids=ans.prompt_ids,
                               kept_indices=ans.kept_indices, keep=kept, method=args.method, seconds=seconds,

@@ -14,15 +14,8 @@ NEEDS_CLS_ATTENTION = ("cls_attention", "visionzip")
 NEEDS_KEY = ("random",)
 MERGEABLE = ("svd", "random", "norm", "cls_attention", "divprune", "lrcp")  # selections that can merge the rest
 BUDGET = "k"  # svd's rank="k": the rank is the budget k (clipped to min(N, D)), the classic rank-k leverage
-# svd's default rank rule, chosen on the first bundled model's validation split (500 questions;
-# docs/first_model.md). At 22, 11 and 5 of 196 tokens (the paper's 64/576, 32/576, 16/576), leverage at the rank
-# holding a share eps of the centred tokens' energy answered, by eps: 0.7: 57.0 / 49.4 / 41.0; 0.8: 59.2 / 48.6 /
-# 43.0; 0.9: 67.6 / 59.8 / 49.6; 0.95: 69.8 / 65.6 / 57.8; 0.98: 68.6 / 67.4 / 55.2; 0.99: 69.2 / 66.6 / 54.6 (%).
-# Rank = k on raw tokens (the classic rule) answered 69.0 / 51.0 / 37.2, no better than random (61.7 / 50.6 / 40.0)
-# at 11 and 5.
-# Read once on the test split (1000 questions): eps 0.95 centred 69.1 / 64.3 / 58.8, rank = k 68.3 / 52.2 / 38.9.
-# The shipped model (its decoder trained on the full grid only) reads every svd variant's kept tokens worse than
-# random's (test: eps 0.95 37.9 / 30.5 / 22.4, rank = k 38.9 / 23.3 / 27.0, random 55.3 / 43.8 / 33.8; README).
+# svd's default rank rule, chosen on the first bundled model's validation split: the sweep and its test read are in
+# docs/results.md ("Choosing svd's default").
 SVD_DEFAULTS = dict(energy=0.95, center=True)
 OPTIONS = dict(svd=("rank", "energy", "center", "solver", "merge"), lrcp=("rank", "solver", "merge"),
                visionzip=("contextual", "keys"), **{m: ("merge",) for m in ("random", "norm", "cls_attention", "divprune")})
@@ -125,9 +118,9 @@ def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key:
     Selection methods return the kept rows unchanged (input dtype) and their indices ascending (spatial
     order kept). Methods (`METHODS`):
       "svd"            SVD-Prune: top-k leverage scores (`leverage_scores`). Options: rank (an int, or "k": the
-                       budget clipped to min(N, D)) or energy (default 0.9 when neither is given), center=True,
-                       solver="auto". The defaults are what the bundled benchmark's validation split favoured
-                       (see `SVD_DEFAULTS`)
+                       budget clipped to min(N, D)) or energy (when neither is given, `SVD_DEFAULTS`: energy 0.95),
+                       center (default `SVD_DEFAULTS`: True), solver="auto". The defaults are what the first
+                       bundled model's validation split favoured (docs/results.md)
       "lrcp"           LRCP: largest residual off the rank-r PCA subspace (`lrcp_scores`). Options: rank=4, solver.
       "norm"           largest token L2 norm.
       "cls_attention"  FasterVLM: largest CLS attention (needs cls_attention).

@@ -81,17 +81,12 @@ class Stage:
     turns: int = 1
     # Follow-ups: first up to `by_quadrant` quadrant-only questions (svdprune_jax.synthetic.samples.quadrant_questions), then up
     # to `need_quadrant` colour/shape questions whose named attribute also occurs in another quadrant
-    # (svdprune_jax.synthetic.samples.scene_questions), then a spread over the families. Without the first kind, a decoder trained
-    # on pooled features, then the full grid, with needs-quadrant follow-ups (the first bundled recipe, 10,100
-    # VQA steps) found objects by the named attribute alone: needs-quadrant colour and shape questions at 0.53-0.58
-    # on training and validation scenes alike, and adding quadrant-only follow-ups to it for 300 steps moved
-    # them from chance only to 0.33 (colour). A fresh decoder trained with them from the start answered
-    # colour and shape questions at 0.62 and 0.60 after 500 steps (the old one: 0.53 after all of its).
+    # (svdprune_jax.synthetic.samples.scene_questions), then a spread over the families. The quadrant-only kind is
+    # what taught a fresh decoder to use position (docs/training.md).
     need_quadrant: int = 0
     by_quadrant: int = 0
     # Length of the warmup + cosine schedule when it differs from `steps`: a stage stopped part-way along its
-    # schedule (the bundled stage 2 was cut at step 1850 of 3000 when the next stage took over, stage 4 at 1500 of
-    # 3000 when validation reached 0.93).
+    # schedule (where the bundled recipe's stages were cut, and why: docs/training.md).
     decay_steps: int = 0
     # Share of training sequences whose image tokens are a random subset of the grid (`svdprune_jax.synthetic.token_subsets`: size
     # log-uniform in [min_tokens, N], uniform or region-shaped), so the decoder reads pruned sequences.
@@ -122,15 +117,11 @@ class Recipe:
 
 
 RECIPES = {
+    # The shipped model's recipe; what each stage reached, and why it is built so: docs/training.md.
     "bundled": Recipe("bundled", seed=0, n_train=30_000, n_val=500, n_test=1000,
                       stages=(Stage(1300, 32, 1e-3, 150),
-                              # position learnt (validation colour 0.81-0.88) but read/presence/count at chance
                               Stage(1850, 32, 1e-3, 100, turns=9, need_quadrant=2, by_quadrant=2, decay_steps=3000),
-                              # so the follow-up turns go to the colour+shape lookups (read, presence, count):
-                              # they left chance after ~500 steps (validation 0.52 -> 0.66 at step 1000, 0.67 at 2000)
                               Stage(2000, 32, 5e-4, 50, turns=9, need_quadrant=1),
-                              # the same restarted at 5e-4: read and presence reached 1.00 by step 500, colour
-                              # by 750, shape and count rose to 0.83 (validation 0.93 at 1500, where it was cut)
                               Stage(1500, 32, 5e-4, 100, turns=9, need_quadrant=1, decay_steps=3000)),
                       eval_every=250, ckpt_every=50),
     # The shipped model's decoder fine-tuned to read pruned sequences (issue 21): its tower and training images
