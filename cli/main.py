@@ -52,19 +52,14 @@ def run(args):
         keep = max(1, round(PAPER_FRACTION * pipe.num_image_tokens))
     if spec.adaptive is not None:  # the image's own budget, at most keep
         keep, spec = int(pipe.adaptive_keep([image], spec, keep)[0]), spec.fixed()
-    kw = dict(method=spec, keep=keep, max_new_tokens=args.max_new_tokens, timed=True)
-    t = time.perf_counter()
-    pipe.answer([image], [question], **kw)  # first call: compiles (or reads the compilation cache)
-    first_s = time.perf_counter() - t
-    t = time.perf_counter()
-    (ans,), timings = pipe.answer([image], [question], **kw)
-    seconds = time.perf_counter() - t
+    (ans,), timings, seconds, first_s = timed_answer(pipe, image, question, spec, keep, args.max_new_tokens)
+    # the unpruned answer and time beside the pruned ones, so a pruned answer and its saving are easy to judge
+    full = None if spec.method == "full" else timed_answer(pipe, image, question, "full", None, args.max_new_tokens)
     n = pipe.num_image_tokens
     kept = pipe.budget(spec, keep)
     vis = pipe.config.vision
-    if spec.method == "fastv":  # FastV drops tokens inside the language model: every patch reaches its first layers
-        overlay = "none (fastv keeps every patch for its first layers, then prunes by the question's attention)"
-    else:
+    overlay = None  # FastV drops tokens inside the language model: every patch reaches its first layers
+    if spec.method != "fastv":
         overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
         kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size,
                      geometry=CropGeometry.of(pipe.processor)).save(overlay)
@@ -72,15 +67,38 @@ def run(args):
         print(json.dumps(dict(answer=ans.text, token_ids=ans.token_ids, prompt_ids=ans.prompt_ids,
                               kept_indices=ans.kept_indices, keep=kept, method=args.method, seconds=seconds,
                               image_tokens=n, stage_seconds=timings, compile_seconds=first_s - seconds,
-                              overlay=str(overlay), model=str(model_dir), question=question, truth=truth)))
+                              unpruned_answer=None if full is None else full[0][0].text,
+                              unpruned_seconds=None if full is None else full[2],
+                              overlay=None if overlay is None else str(overlay), model=str(model_dir),
+                              question=question, truth=truth)))
         return
     print(f"model     {model_dir}  (loaded in {load_s:.1f} s)")
     print(f"question  {question}")
     print(f"answer    {ans.text}" + (f"  (right answer: {truth})" if truth is not None else ""))
+    if full is not None:
+        print(f"unpruned  {full[0][0].text}  (all {n} image tokens)")
     print(f"kept      {kept} of {n} image tokens ({args.method})")
     stages = "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
     print(f"time      {seconds * 1e3:.1f} ms  ({stages}; first call incl. compile {first_s:.1f} s)")
-    print(f"picture   {overlay}")
+    if full is not None:
+        print(f"saved     {(full[2] - seconds) * 1e3:.1f} ms of {full[2] * 1e3:.1f} ms unpruned "
+              f"({1 - seconds / full[2]:.0%})")
+    print("picture   " + (str(overlay) if overlay is not None else
+                          "none: fastv keeps every patch for its first layers, then prunes by the question's attention"))
+
+
+def timed_answer(pipe, image, question: str, method, keep: int | None, max_new_tokens: int):
+    """(answers, stage timings, seconds) of a second call, after a first that compiles (or reads the compilation
+    cache), and the first call's seconds."""
+    import time
+
+    kw = dict(method=method, keep=keep, max_new_tokens=max_new_tokens, timed=True)
+    t = time.perf_counter()
+    pipe.answer([image], [question], **kw)
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    answers, timings = pipe.answer([image], [question], **kw)
+    return answers, timings, time.perf_counter() - t, first_s
 
 
 def convert(args):

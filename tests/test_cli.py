@@ -124,9 +124,11 @@ def test_run_without_arguments_answers_the_bundled_example(tmp_path, monkeypatch
     assert out["method"] == "svd" and out["keep"] == round(64 / 576 * out["image_tokens"])
     assert out["question"] == example["question"] and out["truth"] == example["answer"]
     assert out["answer"] in ANSWERS[example["family"]], out["answer"]
-    # unpruned, the bundled model knows the example (pruned to 22 tokens it may not: README)
+    # unpruned, the bundled model knows the example (pruned to 22 tokens it may not: docs/results.md); the
+    # unpruned answer printed beside the pruned one is the `full` method's
     full = run_json(capsys, "--method", "full", "--out", tmp_path / "full.png")
-    assert full["answer"] == example["answer"]
+    assert full["answer"] == example["answer"] == out["unpruned_answer"] and full["unpruned_answer"] is None
+    assert out["unpruned_seconds"] > 0
 
 
 def test_run_shows_the_right_answer_only_for_the_bundled_example(model_dir, tmp_path, capsys):

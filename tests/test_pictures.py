@@ -110,4 +110,7 @@ def test_run_with_fastv_writes_no_picture_and_says_why(tmp_path, capsys):
               "--out", str(picture), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["kept_indices"] is None and not picture.exists()
-    assert out["overlay"].startswith("none (fastv")
+    assert out["overlay"] is None
+    cli.main(["run", "--model", str(MODEL_DIR), "--method", "fastv", "--keep", "8", "--max-new-tokens", "2",
+              "--out", str(picture)])
+    assert "picture   none: fastv keeps every patch" in capsys.readouterr().out and not picture.exists()
