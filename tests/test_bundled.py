@@ -66,3 +66,24 @@ def test_transformers_answers_equal_ours(pipe, test_set):
                               do_sample=False)
         assert out[0, ids.shape[1]:].tolist() == answer.token_ids, question
     assert np.mean([a.text == t for a, t in zip(ours, test_set.answers)]) > 0.5  # the answers compared mean something
+
+
+BRACKET_SEEDS = 3
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21: the shipped decoder was trained on the full grid only and misreads "
+                   "short kept-token sequences (oracle below DivPrune); the subset-trained model replaces it")
+def test_oracle_clearly_above_random_at_11_tokens(pipe, test_set):
+    """The yardstick's bracket, on the fixed subset: keeping the asked object's patches (the oracle) must beat
+    keeping random ones by at least 10 points at 11 of 196 tokens (the paper's 32/576), so the benchmark ranks
+    what the kept tokens hold. Random: the mean over seeds."""
+    from tqdm import tqdm
+
+    from svdprune_jax.inference.methods import parse
+    from svdprune_jax.synthetic.benchmark import ORACLE, evaluate_run
+
+    run = lambda method, seed=0: evaluate_run(pipe, test_set, parse(method, [method]), "11", 11, seed=seed,
+                                              batch=BATCH, max_new_tokens=3, bar=tqdm(disable=True)).correct.mean()
+    oracle = run(ORACLE)
+    random = np.mean([run("random", s) for s in range(BRACKET_SEEDS)])
+    assert oracle - random >= 0.10, (oracle, random)
