@@ -1,7 +1,10 @@
 """Smoke tests of the bundled model's training (svdprune_jax.synthetic.train) on the tiny recipe: every stage learns, an interrupted
 run resumes to exactly the state of an uninterrupted one, and the export loads in transformers with our logits."""
+import dataclasses
+
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from svdprune_jax.synthetic import train as T
 from svdprune_jax.synthetic.samples import follow_ups, make_sample
@@ -109,3 +112,55 @@ def test_order_visits_every_sample_once_per_epoch():
     np.testing.assert_array_equal(T.order(0, 1, 3, batch, n), seen[12:16])
 
 
+
+
+@pytest.fixture(scope="module")
+def subset_run(tmp_path_factory, runs):
+    """A fine-tuning recipe in the bundled_subsets shape on the tiny model: starts from the straight run's export,
+    skips stage 1, and reads token subsets in 3 of 4 sequences."""
+    init = runs[0] / "hf"
+    if not init.exists():
+        T.Run(RECIPE, runs[0], workers=1).run(until="export")
+    recipe = dataclasses.replace(RECIPE, init=str(init), stages=(
+        T.Stage(0, 8, 3e-3, 0), dataclasses.replace(RECIPE.stages[1], subsets=0.75, min_tokens=2)))
+    out = tmp_path_factory.mktemp("subsets")
+    run = T.Run(recipe, out, workers=1)
+    return run, init
+
+
+def test_init_starts_from_the_exported_weights(subset_run):
+    from flax import nnx
+
+    from svdprune_jax.convert import load_model
+    run, init = subset_run
+    want = nnx.to_pure_dict(nnx.state(load_model(init), nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(T.merge(run.graphdef, run.states).model, nnx.Param))
+    for (path, a), (_, b) in zip(sorted(traverse_util.flatten_dict(want).items()),
+                                 sorted(traverse_util.flatten_dict(got).items())):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def test_subset_batches_are_pruned_prompts_and_reproducible(subset_run):
+    run, _ = subset_run
+    idx = T.order(run.recipe.seed, 2, 0, 8, len(run.train["question"]))
+    a, b = run.batch(2, 0, idx), run.batch(2, 0, idx)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)  # a pure function of the step
+    full = run.vqa_inputs(run.recipe.stages[1])[0][np.sort(idx)]
+    img = run.cfg.image_token_id
+    counts = (np.asarray(a["ids"]) == img).sum(1)
+    n = run.cfg.num_image_tokens
+    assert (counts < n).any() and (counts <= n).all() and (counts >= 2).all()
+    # the rows keep their text: the same ids once the image tokens are taken out
+    for row, ref in zip(np.asarray(a["ids"]), full):
+        pad = build_tokenizer().token_to_id("<pad>")
+        strip = lambda r: [t for t in r if t not in (img, pad)]
+        assert strip(row) == strip(ref)
+
+
+def test_subset_recipe_trains_and_reports_the_bracket(subset_run):
+    run, _ = subset_run
+    run.run(until="2")
+    val = [r for r in run.history.records if r["kind"] == "val"]
+    assert val and all({"random22", "oracle22", "random11", "oracle11"} <= set(r) for r in val)
+    assert all(0 <= r["oracle11"] <= 1 for r in val)
