@@ -48,8 +48,8 @@ import svdprune_jax as sp
 from svdprune_jax.benchmarks import main
 from svdprune_jax.benchmarks.scoring import leverage64, leverage_torch
 from svdprune_jax.benchmarks.timing import Compiles, PeakRSS, Stat, interleaved, load
-from svdprune_jax.models.generate import _generate, _prefill_jit, bucket_length, generate
-from svdprune_jax.models.llama import init_cache
+from svdprune_jax.models.cache import KVCache
+from svdprune_jax.models.generate import Decoding, bucket_length, generate, generate_program, prefill_stage
 from svdprune_jax.models.llava import Llava, LlavaConfig, Pruning
 from svdprune_jax.models.stack import per_layer
 
@@ -205,7 +205,7 @@ def stage_stats(timings: list[dict]) -> dict[str, Stat]:
 
 
 def ours_generate(graphdef, state, preset: Preset, px, ids, k: int | None, timed: bool = False):
-    out = generate(graphdef, state, px, ids, max_new_tokens=preset.new_tokens, eos_token_id=None,
+    out = generate(graphdef, state, px, ids, decoding=Decoding(preset.new_tokens),
                    pruning=None if k is None else Pruning("svd", k), bucket=preset.bucket, timed=timed)
     jax.block_until_ready(out.tokens)
     return out
@@ -373,8 +373,8 @@ class Suite:
 
             def ours(r, bucket=p.bucket):
                 ids, mask = ids_mask(r, bucket)
-                cache = init_cache(t, 1, (ids.shape[1] + p.new_tokens - 1,))
-                jax.block_until_ready(_prefill_jit(gd, st, ids, mask, image_j, cache, fastv=None)[0])
+                cache = KVCache.init(t, 1, (ids.shape[1] + p.new_tokens - 1,))
+                jax.block_until_ready(prefill_stage(gd, st, ids, mask, image_j, cache, fastv=None)[0])
 
             def torch_run(r):
                 ids = inputs.ids(r, k)
@@ -478,9 +478,9 @@ def compile_probe(preset: Preset, layout: str, cache: str | None) -> dict:
     T = bucket_length(ids.shape[1], preset.bucket)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     t = time.perf_counter()
-    _generate.lower(gd, st, spec(inputs.pixels(0).shape, jnp.float32), spec((1, T), jnp.int32), spec((1, T), jnp.int32),
-                    jax.random.key(0), None, jnp.float32(0), jnp.float32(1), jnp.int32(-1), jnp.int32(0),
-                    pruning=Pruning("svd", preset.k_main), fastv=None, max_new_tokens=preset.new_tokens).compile()
+    generate_program.lower(gd, st, spec(inputs.pixels(0).shape, jnp.float32), spec((1, T), jnp.int32),
+                           spec((1, T), jnp.int32), jax.random.key(0), None, Decoding(preset.new_tokens).as_arrays(),
+                           pruning=Pruning("svd", preset.k_main), fastv=None).compile()
     return dict(seconds=time.perf_counter() - t)
 
 

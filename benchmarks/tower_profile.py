@@ -29,7 +29,8 @@ from flax import nnx
 
 from svdprune_jax.benchmarks.run import FULL, SMOKE, Preset, _text, hf_model, ours_from
 from svdprune_jax.benchmarks.timing import Stat, interleaved, load
-from svdprune_jax.models.clip import activation, attention
+from svdprune_jax.models.clip import attention
+from svdprune_jax.models.layers import activation
 from svdprune_jax.models.stack import per_layer
 
 
