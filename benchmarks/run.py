@@ -71,24 +71,27 @@ class Preset:
     scoring_batch: int = 8
 
 
-def _text(hidden, intermediate, layers, heads, vocab) -> dict:
+def text_config(hidden, intermediate, layers, heads, vocab) -> dict:
+    """A transformers LlamaConfig dict (MHA, llava-1.5's norm eps) of the given geometry."""
     return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0,
                 bos_token_id=1, eos_token_id=2)
 
 
-def _vision(hidden, intermediate, layers, heads, image, patch) -> dict:
+def vision_config(hidden, intermediate, layers, heads, image, patch) -> dict:
+    """A transformers CLIPVisionConfig dict of the given geometry."""
     return dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, image_size=image, patch_size=patch,
                 projection_dim=16)
 
 
-FULL = Preset("LLaVA-1.5-7B geometry, 2-layer decoder", _vision(1024, 4096, 24, 16, 336, 14),
-              _text(4096, 11008, 2, 32, 32064), 32000, budgets=(None, 64, 32, 16),
+FULL = Preset("LLaVA-1.5-7B geometry, 2-layer decoder", vision_config(1024, 4096, 24, 16, 336, 14),
+              text_config(4096, 11008, 2, 32, 32064), 32000, budgets=(None, 64, 32, 16),
               prefill_budgets=(576, 192, 128, 64, 32, 16), batches=(1, 4, 8), reps=5)
-SMOKE = Preset("smoke (tiny)", _vision(32, 64, 3, 4, 28, 7), _text(32, 64, 2, 4, 128), 127, budgets=(4,),
-               prefill_budgets=(16, 4), batches=(1,), reps=1, question=8, new_tokens=4, k_main=4, scoring_batch=2)
+SMOKE = Preset("smoke (tiny)", vision_config(32, 64, 3, 4, 28, 7), text_config(32, 64, 2, 4, 128), 127,
+               budgets=(4,), prefill_budgets=(16, 4), batches=(1,), reps=1, question=8, new_tokens=4, k_main=4,
+               scoring_batch=2)
 
 
 # ---------------------------------------------------------------- models and inputs
