@@ -48,8 +48,8 @@ import svdprune_jax as sp
 from svdprune_jax.benchmarks import main
 from svdprune_jax.benchmarks.scoring import leverage64, leverage_torch
 from svdprune_jax.benchmarks.timing import Compiles, PeakRSS, Stat, interleaved, load
-from svdprune_jax.models.generate import _generate, _prefill_jit, bucket_length, generate
-from svdprune_jax.models.llama import init_cache
+from svdprune_jax.models.cache import KVCache
+from svdprune_jax.models.generate import Decoding, bucket_length, generate, generate_program, prefill_stage
 from svdprune_jax.models.llava import Llava, LlavaConfig, Pruning
 from svdprune_jax.models.stack import per_layer
 
@@ -71,24 +71,27 @@ class Preset:
     scoring_batch: int = 8
 
 
-def _text(hidden, intermediate, layers, heads, vocab) -> dict:
+def text_config(hidden, intermediate, layers, heads, vocab) -> dict:
+    """A transformers LlamaConfig dict (MHA, llava-1.5's norm eps) of the given geometry."""
     return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0,
                 bos_token_id=1, eos_token_id=2)
 
 
-def _vision(hidden, intermediate, layers, heads, image, patch) -> dict:
+def vision_config(hidden, intermediate, layers, heads, image, patch) -> dict:
+    """A transformers CLIPVisionConfig dict of the given geometry."""
     return dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, image_size=image, patch_size=patch,
                 projection_dim=16)
 
 
-FULL = Preset("LLaVA-1.5-7B geometry, 2-layer decoder", _vision(1024, 4096, 24, 16, 336, 14),
-              _text(4096, 11008, 2, 32, 32064), 32000, budgets=(None, 64, 32, 16),
+FULL = Preset("LLaVA-1.5-7B geometry, 2-layer decoder", vision_config(1024, 4096, 24, 16, 336, 14),
+              text_config(4096, 11008, 2, 32, 32064), 32000, budgets=(None, 64, 32, 16),
               prefill_budgets=(576, 192, 128, 64, 32, 16), batches=(1, 4, 8), reps=5)
-SMOKE = Preset("smoke (tiny)", _vision(32, 64, 3, 4, 28, 7), _text(32, 64, 2, 4, 128), 127, budgets=(4,),
-               prefill_budgets=(16, 4), batches=(1,), reps=1, question=8, new_tokens=4, k_main=4, scoring_batch=2)
+SMOKE = Preset("smoke (tiny)", vision_config(32, 64, 3, 4, 28, 7), text_config(32, 64, 2, 4, 128), 127,
+               budgets=(4,), prefill_budgets=(16, 4), batches=(1,), reps=1, question=8, new_tokens=4, k_main=4,
+               scoring_batch=2)
 
 
 # ---------------------------------------------------------------- models and inputs
@@ -205,7 +208,7 @@ def stage_stats(timings: list[dict]) -> dict[str, Stat]:
 
 
 def ours_generate(graphdef, state, preset: Preset, px, ids, k: int | None, timed: bool = False):
-    out = generate(graphdef, state, px, ids, max_new_tokens=preset.new_tokens, eos_token_id=None,
+    out = generate(graphdef, state, px, ids, decoding=Decoding(preset.new_tokens),
                    pruning=None if k is None else Pruning("svd", k), bucket=preset.bucket, timed=timed)
     jax.block_until_ready(out.tokens)
     return out
@@ -373,8 +376,8 @@ class Suite:
 
             def ours(r, bucket=p.bucket):
                 ids, mask = ids_mask(r, bucket)
-                cache = init_cache(t, 1, (ids.shape[1] + p.new_tokens - 1,))
-                jax.block_until_ready(_prefill_jit(gd, st, ids, mask, image_j, cache, fastv=None)[0])
+                cache = KVCache.init(t, 1, (ids.shape[1] + p.new_tokens - 1,))
+                jax.block_until_ready(prefill_stage(gd, st, ids, mask, image_j, cache, fastv=None)[0])
 
             def torch_run(r):
                 ids = inputs.ids(r, k)
@@ -478,9 +481,9 @@ def compile_probe(preset: Preset, layout: str, cache: str | None) -> dict:
     T = bucket_length(ids.shape[1], preset.bucket)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     t = time.perf_counter()
-    _generate.lower(gd, st, spec(inputs.pixels(0).shape, jnp.float32), spec((1, T), jnp.int32), spec((1, T), jnp.int32),
-                    jax.random.key(0), None, jnp.float32(0), jnp.float32(1), jnp.int32(-1), jnp.int32(0),
-                    pruning=Pruning("svd", preset.k_main), fastv=None, max_new_tokens=preset.new_tokens).compile()
+    generate_program.lower(gd, st, spec(inputs.pixels(0).shape, jnp.float32), spec((1, T), jnp.int32),
+                           spec((1, T), jnp.int32), jax.random.key(0), None, Decoding(preset.new_tokens).as_arrays(),
+                           pruning=Pruning("svd", preset.k_main), fastv=None).compile()
     return dict(seconds=time.perf_counter() - t)
 
 

@@ -75,15 +75,15 @@ class PeakRSS:
 
 class Compiles:
     """Counts XLA backend compilations while registered (a `with` block), and sums the seconds spent
-    tracing, lowering and compiling."""
+    tracing, lowering and compiling; only of jitted functions whose name contains `fun_name` when given."""
     EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
               "/jax/core/compile/backend_compile_duration")
 
-    def __init__(self):
-        self.count, self.seconds = 0, 0.0
+    def __init__(self, fun_name: str | None = None):
+        self.fun_name, self.count, self.seconds = fun_name, 0, 0.0
 
     def __call__(self, event: str, duration: float, **kw):
-        if event in self.EVENTS:
+        if event in self.EVENTS and (self.fun_name is None or self.fun_name in kw.get("fun_name", "")):
             self.seconds += duration
             self.count += event == self.EVENTS[-1]
 

@@ -27,16 +27,17 @@ import numpy as np
 import torch
 from flax import nnx
 
-from svdprune_jax.benchmarks.run import FULL, SMOKE, Preset, _text, hf_model, ours_from
+from svdprune_jax.benchmarks.run import FULL, SMOKE, Preset, hf_model, ours_from, text_config
 from svdprune_jax.benchmarks.timing import Stat, interleaved, load
-from svdprune_jax.models.clip import activation, attention
+from svdprune_jax.models.clip import attention
+from svdprune_jax.models.layers import activation
 from svdprune_jax.models.stack import per_layer
 
 
 def one_layer_preset(base: Preset) -> Preset:
     """`base`'s vision geometry with two layers (layer -2 reads the first) and a tiny decoder."""
     return dataclasses.replace(base, vision={**base.vision, "num_hidden_layers": 2},
-                               text=_text(32, 64, 1, 4, base.image_token_id + 1))
+                               text=text_config(32, 64, 1, 4, base.image_token_id + 1))
 
 
 def jitted(module: nnx.Module, fn):

@@ -23,7 +23,7 @@ from svdprune_jax.inference.methods import MethodSpec, parse
 from svdprune_jax.convert.checkpoint import load_model
 from svdprune_jax.convert.hf_config import processor_path, tokenizer_path
 from svdprune_jax.models import sharding, stack
-from svdprune_jax.models.generate import generate
+from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
 from svdprune_jax.models.llava import GIVEN, LlavaConfig, adaptive_keep
 
@@ -131,8 +131,7 @@ class Pipeline:
         if method == "random" and key is None:
             key = jax.random.key(0)
         out = generate(self.graphdef, self.state, self.pixel_values(images), ids, mask,
-                       max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                       pad_token_id=self.tokenizer.pad_token_id or 0,
+                       decoding=Decoding(max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id or 0),
                        pruning=None if in_llm else spec.pruning(budget),
                        fastv=FastV(budget) if method == "fastv" else None, key=key, scores=scores, timed=timed,
                        mesh=self.mesh)

@@ -8,7 +8,7 @@ uses it).
 import dataclasses
 import functools
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,31 +16,8 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from svdprune_jax.models import stack
+from svdprune_jax.models.layers import activation, linear
 from svdprune_jax.models.sharding import axes
-
-# transformers' ACT2FN names -> jax. HF "gelu" is the exact erf form (jax.nn.gelu defaults to tanh).
-_tanh_gelu = functools.partial(jax.nn.gelu, approximate=True)
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": _tanh_gelu,
-    "gelu_fast": _tanh_gelu,
-    "gelu_accurate": _tanh_gelu,
-    "gelu_pytorch_tanh": _tanh_gelu,
-    "gelu_python_tanh": _tanh_gelu,
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
-def activation(name: str) -> Callable[[Array], Array]:
-    """The jax function for a transformers activation name; ValueError for names not ported."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
 
 # transformers' CLIPVisionConfig defaults: llava-hf config.json files omit keys left at these.
 _HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -104,11 +81,6 @@ def _layer_norm(cfg: CLIPVisionConfig, param_dtype, rngs) -> nnx.LayerNorm:
     # float32 statistics and output whatever the compute dtype; two-pass variance (CLIP has large outlier channels).
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
                          use_fast_variance=False, scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs)
-
-
-def linear(d_in: int, d_out: int, names: tuple[str, str], **kw) -> nnx.Linear:
-    """nnx.Linear with logical axis names on its kernel (in, out) and bias (out)."""
-    return nnx.Linear(d_in, d_out, kernel_metadata=axes(*names), bias_metadata=axes(names[1]), **kw)
 
 
 def attention(q: Float[Array, "B T H d"], k: Float[Array, "B T H d"], v: Float[Array, "B T H d"]

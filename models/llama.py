@@ -4,14 +4,8 @@ Layers are stacked on a leading axis and run by `models.stack.run`: a fori_loop 
 a dynamic index (segments never slice the stack up front), or, after `models.stack.per_layer`, an unrolled
 loop over one weight buffer per layer, the fast layout for decode (XLA:CPU copies dynamically indexed slices).
 
-KV cache: a tuple of segments, one per run of consecutive layers that share a sequence layout (one
-segment; two with FastV: layers [0, K) hold the full prompt, layers [K, L) only the kept tokens). Each
-segment is a dict of arrays
-    k, v:  (layers, B, Hkv, S, hd)  in the activation dtype (heads before slots: XLA:CPU then runs the one-query
-                                    decode attention as plain per-head GEMVs, measured ~10x faster)
-    mask:  (B, S) bool              slots that hold a real token (left padding and unwritten slots are False)
-    index: () int32                 the next slot to write; every row writes at the same slot (left padding)
-S is static; `decode` donates nothing itself: jit it with `donate_argnames="cache"`.
+KV cache: `models.cache.KVCache`, one segment per run of layers that share a sequence layout (two with
+FastV). `decode` donates nothing itself: jit it with `donate_argnames="cache"`.
 """
 import dataclasses
 import functools
@@ -23,8 +17,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 import svdprune_jax
 from svdprune_jax.models import stack
-from svdprune_jax.models.clip import activation, linear
-from svdprune_jax.models.sharding import DATA, axes, constrain
+from svdprune_jax.models.cache import KVCache, Segment, segments
+from svdprune_jax.models.layers import RMSNorm, activation, linear
+from svdprune_jax.models.sharding import DATA, axes
 
 # transformers' LlamaConfig defaults: hub config.json files (e.g. llava-hf's text_config) omit keys left at these.
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -92,26 +87,6 @@ class FastV:
             raise ValueError(f"FastV keep {self.keep} outside [1, {num_image_tokens}] (image tokens in the prompt)")
 
 
-def segments(cfg: LlamaConfig, fastv: FastV | None) -> tuple[tuple[int, int], ...]:
-    """Layer ranges [start, stop) that share one sequence layout (and one cache segment)."""
-    L = cfg.num_hidden_layers
-    return ((0, L),) if fastv is None else ((0, fastv.layer), (fastv.layer, L))
-
-
-def init_cache(cfg: LlamaConfig, batch: int, lengths: tuple[int, ...], fastv: FastV | None = None,
-               dtype=jnp.float32) -> tuple[dict, ...]:
-    """An empty cache; `lengths[s]` slots for segment s (prompt tokens that reach it + new tokens)."""
-    segs = segments(cfg, fastv)
-    if len(lengths) != len(segs):
-        raise ValueError(f"{len(lengths)} cache lengths for {len(segs)} segments")
-    # rows split like the batch, heads like the k/v projections that fill them: writes stay on their device
-    kv = lambda n, S: constrain(jnp.zeros((n, batch, cfg.num_key_value_heads, S, cfg.head_dim), dtype),
-                                "layers", "batch", "kv_heads", None, None)
-    mask = lambda S: constrain(jnp.zeros((batch, S), bool), "batch", None)
-    return tuple(dict(k=kv(b - a, S), v=kv(b - a, S), mask=mask(S), index=jnp.int32(0))
-                 for (a, b), S in zip(segs, lengths))
-
-
 def rope(positions: Int[Array, "B T"], head_dim: int, theta: float) -> tuple[Float[Array, "B T d"], Float[Array, "B T d"]]:
     """cos, sin in float32, transformers' layout (frequencies repeated on both halves)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -148,19 +123,6 @@ def causal_mask(valid: Bool[Array, "B T"]) -> Bool[Array, "B T T"]:
     """Query t sees keys s <= t that are real tokens (left padding masked)."""
     T = valid.shape[1]
     return jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
-
-
-class RMSNorm(nnx.Module):
-    """Statistics and scale in float32, output in the input dtype."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **axes("embed"))
-        self.eps = eps
-
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
 
 
 class LlamaAttention(nnx.Module):
@@ -240,7 +202,7 @@ class Llama(nnx.Module):
         return stack.run(self.layers, start, stop, body, (x, kv, init))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], valid: Bool[Array, "B T"], *,
-                 cache: tuple[dict, ...] | None = None, fastv: FastV | None = None,
+                 cache: KVCache | None = None, fastv: FastV | None = None,
                  image_positions: Int[Array, "B n"] | None = None):
         """Full-sequence pass over a left-padded batch (`valid` False on padding); with `cache` it is the
         prefill and fills each segment from slot 0.
@@ -255,12 +217,12 @@ class Llama(nnx.Module):
             fastv.check(cfg, image_positions.shape[1])
         segs = segments(cfg, fastv)
         if cache is not None:
-            if len(cache) != len(segs):
-                raise ValueError(f"cache has {len(cache)} segments; expected {len(segs)}")
+            if len(cache.segments) != len(segs):
+                raise ValueError(f"cache has {len(cache.segments)} segments; expected {len(segs)}")
             lengths = (T,) if fastv is None else (T, T - image_positions.shape[1] + fastv.keep)
-            for n, seg in zip(lengths, cache):
-                if n > seg["k"].shape[3]:
-                    raise ValueError(f"prompt of {n} tokens exceeds the cache ({seg['k'].shape[3]} slots)")
+            for n, seg in zip(lengths, cache.segments):
+                if n > seg.slots:
+                    raise ValueError(f"prompt of {n} tokens exceeds the cache ({seg.slots} slots)")
         x = x.astype(self.dtype)
         new_cache, kept = [], None
         for s, (start, stop) in enumerate(segs):
@@ -270,32 +232,32 @@ class Llama(nnx.Module):
                 take = lambda a: jnp.take_along_axis(a, kept.reshape(kept.shape + (1,) * (a.ndim - 2)), axis=1)
                 x, positions, valid = take(x), take(positions), take(valid)
             cos, sin = rope(positions, cfg.head_dim, cfg.rope_theta)
-            kv = None if cache is None else (cache[s]["k"], cache[s]["v"])
+            kv = None if cache is None else (cache.segments[s].k, cache.segments[s].v)
             x, kv, score = self._run(start, stop, x, cos, sin, causal_mask(valid), kv, _place_fresh,
                                      score=fastv is not None and s == 0)
             if cache is not None:
                 n = valid.shape[1]
-                mask = jnp.zeros_like(cache[s]["mask"]).at[:, :n].set(valid)
-                new_cache.append(dict(k=kv[0], v=kv[1], mask=mask, index=jnp.int32(n)))
-        return self.norm(x), (tuple(new_cache) if cache is not None else None), kept
+                mask = jnp.zeros_like(cache.segments[s].mask).at[:, :n].set(valid)
+                new_cache.append(Segment(*kv, mask, jnp.int32(n)))
+        return self.norm(x), (KVCache(tuple(new_cache)) if cache is not None else None), kept
 
-    def decode(self, x: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], cache: tuple[dict, ...]):
+    def decode(self, x: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], cache: KVCache):
         """One new token per row: write its keys/values at each segment's `index` and attend to the segment.
         The caller keeps `index` below the cache length (slots past it would be clamped by XLA)."""
         cfg = self.config
-        if sum(seg["k"].shape[0] for seg in cache) != cfg.num_hidden_layers:
-            raise ValueError(f"cache segments cover {[seg['k'].shape[0] for seg in cache]} layers; "
+        if sum(seg.layers for seg in cache.segments) != cfg.num_hidden_layers:
+            raise ValueError(f"cache segments cover {[seg.layers for seg in cache.segments]} layers; "
                              f"the model has {cfg.num_hidden_layers}")
         cos, sin = rope(positions, cfg.head_dim, cfg.rope_theta)
         x, new_cache, start = x.astype(self.dtype), [], 0
-        for seg in cache:
-            stop = start + seg["k"].shape[0]
-            mask = seg["mask"].at[:, seg["index"]].set(True)
-            x, (k, v), _ = self._run(start, stop, x, cos, sin, mask[:, None, :], (seg["k"], seg["v"]),
-                                     functools.partial(_place_cached, seg["index"]))
-            new_cache.append(dict(k=k, v=v, mask=mask, index=seg["index"] + 1))
+        for seg in cache.segments:
+            stop = start + seg.layers
+            mask = seg.mask.at[:, seg.index].set(True)
+            x, (k, v), _ = self._run(start, stop, x, cos, sin, mask[:, None, :], (seg.k, seg.v),
+                                     functools.partial(_place_cached, seg.index))
+            new_cache.append(Segment(k, v, mask, seg.index + 1))
             start = stop
-        return self.norm(x), tuple(new_cache)
+        return self.norm(x), KVCache(tuple(new_cache))
 
 
 def _kept_columns(image_positions: Int[Array, "B n"], keep_img: Int[Array, "B r"], T: int) -> Int[Array, "B Tk"]:

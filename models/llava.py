@@ -17,7 +17,9 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 import svdprune_jax
-from svdprune_jax.models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, activation, feature_layers, linear
+from svdprune_jax.models.cache import KVCache
+from svdprune_jax.models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionTower, feature_layers
+from svdprune_jax.models.layers import activation, linear
 from svdprune_jax.models.llama import FastV, Llama, LlamaConfig
 from svdprune_jax.models import sharding
 
@@ -190,7 +192,7 @@ class Llava(nnx.Module):
         return self.logits(h), kept, columns
 
     def run_prompt(self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"],
-                   image_embeds: Float[Array, "B n D"], *, cache: tuple[dict, ...] | None = None,
+                   image_embeds: Float[Array, "B n D"], *, cache: KVCache | None = None,
                    fastv: FastV | None = None):
         """The language model over a left-padded prompt with its image embeddings in place (prefill when
         `cache` is given): `Llama.__call__`'s (hidden, cache, kept columns)."""

@@ -58,7 +58,7 @@ from svdprune_jax.convert.checkpoint import UNUSED
 from svdprune_jax.convert.hf_config import write_config
 from svdprune_jax.convert.keymap import RULES
 from svdprune_jax.convert.safetensors_io import write_file
-from svdprune_jax.models.generate import generate
+from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llava import Llava, LlavaConfig, positions
 
 log = logging.getLogger("svdprune_jax.synthetic.train")
@@ -666,8 +666,7 @@ def answer(model: Llava, images: np.ndarray, questions, batch: int = 50) -> list
     out = []
     for i in tqdm(range(0, len(questions), batch), desc="answer"):
         g = generate(graphdef, state, pixel_values(jnp.asarray(images[i:i + batch])), ids[i:i + batch, :-2],
-                     mask[i:i + batch, :-2], max_new_tokens=3, eos_token_id=tok.token_to_id(EOS),
-                     pad_token_id=tok.token_to_id(PAD))
+                     mask[i:i + batch, :-2], decoding=Decoding(3, tok.token_to_id(EOS), tok.token_to_id(PAD)))
         out += [tok.decode([t for t in row[:n] if t != tok.token_to_id(EOS)]) for row, n in
                 zip(np.asarray(g.tokens).tolist(), np.asarray(g.lengths).tolist())]
     return out

@@ -26,8 +26,9 @@ def _leaf(path: list[str], w: np.ndarray):
     return path, w
 
 
-def hf_params(hf, cfg: LlavaConfig, depth: int) -> dict:
-    """Nested pure dict in our parameter tree, layers stacked; vision layers past `depth` dropped."""
+def hf_params(hf, cfg: LlavaConfig, depth: int, to_numpy=lambda t: t.detach().numpy()) -> dict:
+    """Nested pure dict in our parameter tree, layers stacked; vision layers past `depth` dropped. Each HF
+    tensor becomes an array by `to_numpy` (e.g. a cast to bfloat16 bits) before it is permuted."""
     flat, stacks = {}, {}
     for key, t in hf.state_dict().items():
         key = key.removeprefix("model.").replace("vision_model.", "").replace("encoder.", "")
@@ -38,10 +39,10 @@ def hf_params(hf, cfg: LlavaConfig, depth: int) -> dict:
             tower, i, rest = m.group(1), int(m.group(2)), m.group(3)
             if tower == "vision_tower" and i >= depth:
                 continue
-            path, w = _leaf(rest.split("."), t.detach().numpy())
+            path, w = _leaf(rest.split("."), to_numpy(t))
             stacks.setdefault((tower, tuple(path)), {})[i] = w
         else:
-            path, w = _leaf(key.split("."), t.detach().numpy())
+            path, w = _leaf(key.split("."), to_numpy(t))
             flat[tuple(path)] = w
     for (tower, path), ws in stacks.items():
         flat[(tower, "layers") + path] = np.stack([ws[i] for i in range(len(ws))])
@@ -50,7 +51,7 @@ def hf_params(hf, cfg: LlavaConfig, depth: int) -> dict:
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(w)
+        node[path[-1]] = w
     return tree
 
 
@@ -75,7 +76,7 @@ def from_hf(hf, dtype=jnp.float32):
     ours = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(state))
     theirs = jax.tree.map(lambda a: (a.shape, dtype), params)
     assert ours == theirs, "parameter tree differs from the HF walk"
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: a.astype(dtype), params))
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
     nnx.update(model, state)
     return model, *nnx.split(model)
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from svdprune_jax.convert import load_model
 from svdprune_jax.models import sharding, stack
-from svdprune_jax.models.generate import generate
+from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llava import Pruning
 from tiny_sharded import PIXELS, prompts
 
@@ -27,7 +27,7 @@ K, NEW = 5, 8
 def run(model_dir: str, mesh) -> dict[str, np.ndarray]:
     graphdef, state = nnx.split(stack.per_layer(load_model(model_dir, mesh=mesh)))
     ids, mask = (a[:4] for a in prompts(K))
-    out = generate(graphdef, state, PIXELS[:4], ids, mask, max_new_tokens=NEW, eos_token_id=None,
+    out = generate(graphdef, state, PIXELS[:4], ids, mask, decoding=Decoding(NEW),
                    pruning=Pruning("svd", K), mesh=mesh)
     return dict(tokens=sharding.to_host(out.tokens), kept=sharding.to_host(out.kept))
 

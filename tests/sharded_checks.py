@@ -3,7 +3,7 @@
 Its own pytest session: XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax is imported,
 so tests/test_sharding.py launches `python -m pytest tests/sharded_checks.py` with it (the file name keeps it
 out of the main session). For meshes data x model 8x1, 4x2, 2x4, 1x8: every param's `.sharding` and per-device
-shard shape as its logical names declare, logits within 1e-5 (float32), kept tokens and generated tokens
+shard shape as a hand-written layout table has them, logits within 1e-5 (float32), kept tokens and generated tokens
 equal; the compiled pruning step holds no collective; bad meshes and batches are clear errors.
 
 Sharded runs take a batch of D prompts (the first D of the reference's 8): one image per device. With more,
@@ -26,7 +26,7 @@ import svdprune_jax
 from svdprune_jax.convert import export_checkpoint, load_model, save_model
 from svdprune_jax.convert.hf_config import write_config
 from svdprune_jax.models import sharding, stack
-from svdprune_jax.models.generate import _encode_jit, generate
+from svdprune_jax.models.generate import Decoding, encode_stage, generate
 from svdprune_jax.models.llava import Llava, Pruning, forward
 from tiny_sharded import B, CONFIG, PIXELS, prompts, random_model
 
@@ -37,25 +37,41 @@ if jax.device_count() != 8:
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 K, NEW = 5, 8  # image tokens kept, new tokens
 MODEL = sharding.MODEL
-# The Megatron layout written out by hand (independent of the models' own metadata), per-layer paths.
+ROW, COL, REPLICATED = P(MODEL, None), P(None, MODEL), P()  # kernels (in, out): split rows, split columns
+# The Megatron layout of one layer's (or an unstacked) param, written out by hand for every param kind, independent
+# of the models' own metadata: the first matmul of a block splits its output columns (and bias), the second its
+# input rows; embeddings split the vocabulary; norms, the patch conv and positions are replicated.
+_TOWER, _LM = ("vision_tower",), ("language_model",)
 LAYOUT = {
-    ("language_model", "embed_tokens", "embedding"): P(MODEL, None),
-    ("language_model", "layers", 1, "self_attn", "q_proj", "kernel"): P(None, MODEL),
-    ("language_model", "layers", 1, "self_attn", "k_proj", "kernel"): P(None, MODEL),
-    ("language_model", "layers", 1, "self_attn", "o_proj", "kernel"): P(MODEL, None),
-    ("language_model", "layers", 1, "mlp", "up_proj", "kernel"): P(None, MODEL),
-    ("language_model", "layers", 1, "mlp", "down_proj", "kernel"): P(MODEL, None),
-    ("language_model", "layers", 1, "input_layernorm", "scale"): P(None),
-    ("lm_head", "kernel"): P(None, MODEL),
-    ("multi_modal_projector", "linear_1", "kernel"): P(None, MODEL),
-    ("multi_modal_projector", "linear_2", "kernel"): P(MODEL, None),
-    ("vision_tower", "layers", 0, "self_attn", "v_proj", "bias"): P(MODEL),
-    ("vision_tower", "layers", 0, "self_attn", "out_proj", "kernel"): P(MODEL, None),
-    ("vision_tower", "layers", 0, "self_attn", "out_proj", "bias"): P(None),
-    ("vision_tower", "layers", 0, "mlp", "fc1", "kernel"): P(None, MODEL),
-    ("vision_tower", "layers", 0, "mlp", "fc2", "kernel"): P(MODEL, None),
-    ("vision_tower", "embeddings", "patch_embedding", "kernel"): P(),
+    _TOWER + ("embeddings", "class_embedding"): REPLICATED,
+    _TOWER + ("embeddings", "patch_embedding", "kernel"): REPLICATED,
+    _TOWER + ("embeddings", "position_embedding", "embedding"): REPLICATED,
+    **{_TOWER + (norm, p): REPLICATED for norm in ("pre_layrnorm", "layers/layer_norm1", "layers/layer_norm2")
+       for p in ("scale", "bias")},
+    **{_TOWER + ("layers", "self_attn", proj, "kernel"): COL for proj in ("q_proj", "k_proj", "v_proj")},
+    **{_TOWER + ("layers", "self_attn", proj, "bias"): P(MODEL) for proj in ("q_proj", "k_proj", "v_proj")},
+    _TOWER + ("layers", "self_attn", "out_proj", "kernel"): ROW,
+    _TOWER + ("layers", "self_attn", "out_proj", "bias"): REPLICATED,
+    _TOWER + ("layers", "mlp", "fc1", "kernel"): COL,
+    _TOWER + ("layers", "mlp", "fc1", "bias"): P(MODEL),
+    _TOWER + ("layers", "mlp", "fc2", "kernel"): ROW,
+    _TOWER + ("layers", "mlp", "fc2", "bias"): REPLICATED,
+    ("multi_modal_projector", "linear_1", "kernel"): COL,
+    ("multi_modal_projector", "linear_1", "bias"): P(MODEL),
+    ("multi_modal_projector", "linear_2", "kernel"): ROW,
+    ("multi_modal_projector", "linear_2", "bias"): REPLICATED,
+    _LM + ("embed_tokens", "embedding"): ROW,
+    _LM + ("layers", "input_layernorm", "scale"): REPLICATED,
+    _LM + ("layers", "post_attention_layernorm", "scale"): REPLICATED,
+    **{_LM + ("layers", "self_attn", proj, "kernel"): COL for proj in ("q_proj", "k_proj", "v_proj")},
+    _LM + ("layers", "self_attn", "o_proj", "kernel"): ROW,
+    _LM + ("layers", "mlp", "gate_proj", "kernel"): COL,
+    _LM + ("layers", "mlp", "up_proj", "kernel"): COL,
+    _LM + ("layers", "mlp", "down_proj", "kernel"): ROW,
+    _LM + ("norm", "scale"): REPLICATED,
+    ("lm_head", "kernel"): COL,
 }
+LAYOUT = {tuple(n for part in path for n in part.split("/")): spec for path, spec in LAYOUT.items()}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +89,7 @@ def outputs(model: Llava, mesh, b: int = B) -> dict[str, np.ndarray]:
     graphdef, state = nnx.split(model)
     (ids, mask), pixels = (a[:b] for a in prompts(K)), PIXELS[:b]
     logits, kept, _ = forward(graphdef, state, pixels, ids, mask, pruning=Pruning("svd", K), mesh=mesh)
-    out = generate(graphdef, state, pixels, ids, mask, max_new_tokens=NEW, eos_token_id=None,
+    out = generate(graphdef, state, pixels, ids, mask, decoding=Decoding(NEW),
                    pruning=Pruning("svd", K), mesh=mesh)
     return {k: sharding.to_host(v) for k, v in dict(logits=logits, kept=kept, tokens=out.tokens,
                                                     generated_kept=out.kept).items()}
@@ -85,31 +101,32 @@ def reference(model_dirs):
     return outputs(stack.per_layer(load_model(model_dirs[0])), None)
 
 
-def assert_sharded_as_declared(model: Llava, mesh):
-    """Every param laid out as its logical names declare, on the hand-written layout where LAYOUT has it,
-    and each device holding the declared slice shape."""
+def assert_sharded_as_layout(model: Llava, mesh):
+    """Every param laid out as LAYOUT has it (stacked params: the layer axis in front, not split), each device
+    holding that slice's shape, and every kind of param LAYOUT names present."""
     seen = set()
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         a = var.get_value()
-        declared = NamedSharding(mesh, sharding.logical_spec(var.get_metadata()["out_sharding"]))
-        assert a.sharding.is_equivalent_to(declared, a.ndim), (path, a.sharding, declared)
-        if path in LAYOUT:
-            assert a.sharding.is_equivalent_to(NamedSharding(mesh, LAYOUT[path]), a.ndim), (path, a.sharding)
-            seen.add(path)
-        spec = tuple(declared.spec) + (None,) * (a.ndim - len(declared.spec))
+        kind = tuple(p for p in path if not isinstance(p, int))  # per-layer params: the layer index dropped
+        assert kind in LAYOUT, f"{path}: no hand-written layout"
+        stacked = "layers" in kind and not any(isinstance(p, int) for p in path)
+        spec = ((None,) if stacked else ()) + tuple(LAYOUT[kind])
+        assert a.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), a.ndim), (path, a.sharding, spec)
+        spec += (None,) * (a.ndim - len(spec))
         shard = tuple(n // (mesh.shape[ax] if ax else 1) for n, ax in zip(a.shape, spec))
         assert {s.data.shape for s in a.addressable_shards} == {shard}, (path, shard)
         assert len(a.addressable_shards) == 8
-    return seen
+        seen.add(kind)
+    assert seen == set(LAYOUT), set(LAYOUT) - seen
 
 
 @pytest.mark.parametrize("data, model_axis", MESHES)
 def test_sharded_run_equals_single_device(model_dirs, reference, data, model_axis):
     mesh = sharding.make_mesh(data, model_axis)
     stacked = load_model(model_dirs[0], mesh=mesh)  # Orbax restore straight into the shards
-    assert_sharded_as_declared(stacked, mesh)
+    assert_sharded_as_layout(stacked, mesh)
     model = stack.per_layer(stacked)  # the inference layout Pipeline uses: slices keep their shards
-    assert assert_sharded_as_declared(model, mesh) == set(LAYOUT)
+    assert_sharded_as_layout(model, mesh)
     got = outputs(model, mesh, data)
     np.testing.assert_allclose(got["logits"], reference["logits"][:data], rtol=1e-5, atol=1e-5)
     for name in ("kept", "tokens", "generated_kept"):
@@ -120,7 +137,7 @@ def test_hf_checkpoint_loads_into_shards(model_dirs, reference):
     """An HF (safetensors) directory: each param read on the host, only its slices sent to each device."""
     mesh = sharding.make_mesh(4, 2)
     model = stack.per_layer(load_model(model_dirs[1], mesh=mesh))
-    assert_sharded_as_declared(model, mesh)
+    assert_sharded_as_layout(model, mesh)
     got = outputs(model, mesh, 4)
     np.testing.assert_allclose(got["logits"], reference["logits"][:4], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got["tokens"], reference["tokens"][:4])
@@ -181,7 +198,7 @@ def test_pruning_gathers_nothing_over_the_data_axis(model_dirs, data, model_axis
     graphdef, state = nnx.split(stack.per_layer(load_model(model_dirs[0], mesh=mesh)))
     pixels, = sharding.put_batch(mesh, PIXELS)
     with sharding.use(mesh):
-        hlo = _encode_jit.lower(graphdef, state, pixels, jax.random.key(0), None,
+        hlo = encode_stage.lower(graphdef, state, pixels, jax.random.key(0), None,
                                 pruning=Pruning("svd", K)).compile().as_text()
     found = collectives(hlo, mesh)
     assert not [op for op, over_data in found if over_data], found
@@ -211,5 +228,5 @@ def test_bad_mesh_model_axis_and_batch(model_dirs, tmp_path):
     graphdef, state = nnx.split(load_model(model_dirs[0], mesh=mesh))
     ids, mask = prompts(K)
     with pytest.raises(ValueError, match="batch of 6 does not split over data=4: use a multiple of 4"):
-        generate(graphdef, state, PIXELS[:6], ids[:6], mask[:6], max_new_tokens=NEW, eos_token_id=None,
+        generate(graphdef, state, PIXELS[:6], ids[:6], mask[:6], decoding=Decoding(NEW),
                  pruning=Pruning("svd", K), mesh=mesh)

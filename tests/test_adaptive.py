@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import svdprune_jax as sp
-from svdprune_jax import adaptive
+from svdprune_jax.benchmarks.timing import Compiles
 from test_leverage import matrix, ref_leverage
 
 BUCKETS = (4, 8, 16, 32, 48)
@@ -88,9 +88,9 @@ def test_jit_vmap_batched_agree():
 def test_no_recompile_for_new_data_or_target():
     xs = images(5)
     sp.adaptive_budget(xs, 0.9, BUCKETS, energy=0.9)
-    size = adaptive._adaptive_budget._cache_size()
-    sp.adaptive_budget(images(6), 0.7, BUCKETS, energy=0.9)
-    assert adaptive._adaptive_budget._cache_size() == size
+    with Compiles() as compiles:
+        sp.adaptive_budget(images(6), 0.7, BUCKETS, energy=0.9)
+    assert compiles.count == 0
 
 
 def test_budget_buckets():

@@ -1,5 +1,7 @@
 """convert/: tiny random transformers LLaVA checkpoints (both key layouts, single file and sharded) -> ours ->
-back, checked against transformers' logits and the source bytes; every bad input a clear error, nothing left behind."""
+back, checked against transformers' logits, a test-local walk of the HF state_dict (not convert/'s key table) and
+the source bytes; every bad input a clear error, nothing left behind."""
+import copy
 import dataclasses
 import json
 
@@ -18,8 +20,8 @@ import svdprune_jax.convert as convert
 from svdprune_jax.convert import keymap
 from svdprune_jax.convert.checkpoint import PARAMS, UNUSED
 from svdprune_jax.convert.safetensors_io import INDEX, SINGLE, read_checkpoint, read_header, write_file
+from hf_reference import hf_params, tiny
 from svdprune_jax.models import llava
-from tiny_hf import tiny_llava
 
 
 def add_assets(d):
@@ -58,18 +60,21 @@ def write_hf(d, config: dict, tensors: dict[str, np.ndarray], shards: int = 1):
 def save(hf, d, layout: str):
     """legacy: transformers 5 save_pretrained (language_model.model.*, lm_head under language_model, vision_tower.*
     without vision_model), optionally sharded; v5: model.state_dict() keys. The hub's own layout (with
-    vision_model) is what export writes, converted again in the round-trip test."""
+    vision_model) is what export writes, converted again in the round-trip test. `hf` is left as it was
+    (save_pretrained writes into its config)."""
     if layout.startswith("legacy"):
-        hf.save_pretrained(d, max_shard_size="60KB" if layout.endswith("sharded") else "5GB")
+        copy.deepcopy(hf).save_pretrained(d, max_shard_size="60KB" if layout.endswith("sharded") else "5GB")
     else:
         write_hf(d, hf.config.to_dict(), v5_state(hf), shards=3 if layout.endswith("sharded") else 1)
     add_assets(d)
     return d
 
 
+# Scaled (hf_reference.tiny) so that attention is far from uniform and logits are O(1): a swapped or untransposed
+# square matrix then moves them far past the tolerances. Heads differ from key/value heads (GQA).
 @pytest.fixture(scope="module")
 def hf():
-    return tiny_llava(seed=0)
+    return tiny(seed=0)
 
 
 def make_inputs(hf, seed=0):
@@ -191,29 +196,16 @@ def test_convert_then_load_gives_transformers_logits(hf, inputs, tmp_path, layou
     for path in (tmp_path / "ours", src):  # our directory and the HF one load alike
         model = convert.load_model(path)
         assert {a.dtype for a in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(np.float32)}
-        np.testing.assert_allclose(our_logits(model, inputs), want, rtol=1e-4, atol=1e-4)
-
-
-def expected_params(hf, torch_dtype) -> dict:
-    """Our flat param tree made from the HF model's state_dict by torch (cast by torch; bfloat16 as int16 bits)."""
-    sd, out = hf.state_dict(), {}
-    bits = lambda t: t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-    for path, rule in keymap.BY_PATH.items():
-        key = lambda i: keymap.PREFIXES[rule.part][-1] + rule.hf.format(i=i)  # the state_dict's spelling
-        get = lambda i: rule.transform.to_ours(bits(sd[key(i)].to(torch_dtype)))
-        if n := sum(1 for k in sd if rule.pattern.fullmatch(k)):
-            out[path] = np.stack([get(i) for i in range(n)]) if rule.stacked else get(None)
-    return out
+        np.testing.assert_allclose(our_logits(model, inputs), want, rtol=0, atol=1e-5)
 
 
 def assert_params_equal(model, hf, torch_dtype, depth):
-    """Bitwise equal to the HF tensors (vision layers cut at `depth`); bfloat16 compared as bits."""
+    """Bitwise equal to the HF tensors cast by torch (bfloat16 compared as bits), mapped by hf_reference's own
+    walk of the state_dict (vision layers cut at `depth`, the tied lm_head and post_layernorm left out)."""
     got = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    want = expected_params(hf, torch_dtype)
-    want = {p: a[:depth] if p[:2] == ("vision_tower", "layers") else a for p, a in want.items()}
-    if hf.config.tie_word_embeddings:
-        assert ("lm_head", "kernel") not in got
-        want.pop(("lm_head", "kernel"), None)
+    bits = lambda t: t.detach().to(torch_dtype).view(torch.int16 if torch_dtype == torch.bfloat16 else torch_dtype)
+    cfg = llava.LlavaConfig.from_hf(hf.config.to_dict())
+    want = traverse_util.flatten_dict(hf_params(hf, cfg, depth, lambda t: bits(t).numpy()))
     assert set(got) == set(want)
     for p, a in got.items():
         a = np.asarray(a)
@@ -223,7 +215,7 @@ def assert_params_equal(model, hf, torch_dtype, depth):
 @pytest.mark.parametrize("overrides, depth", [(dict(tie_word_embeddings=True), 2),
                                                (dict(vision_feature_layer=[-4, -1]), 3)])
 def test_convert_tied_embeddings_and_multi_layer_features(tmp_path, overrides, depth):
-    model = tiny_llava(seed=1, **overrides)
+    model = tiny(seed=1, **overrides)
     summary = convert.convert_checkpoint(save(model, tmp_path / "hf", "v5"), tmp_path / "ours", progress=False)
     assert ("vision layers" in summary) == (depth < 3)
     assert_params_equal(convert.load_model(tmp_path / "ours"), model, torch.float32, depth)
@@ -264,9 +256,11 @@ def test_export_round_trip_is_bit_identical_and_loads_in_transformers(hf, inputs
     assert set(again) == set(after) and all(again[k].load().tobytes() == after[k].load().tobytes() for k in after)
     assert (tmp_path / "again" / "config.json").read_text() == (tmp_path / "back" / "config.json").read_text()
     back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    # the source model never went through save_pretrained, which is what writes architectures into a config
     strip = lambda d: {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
-                       if k not in ("dtype", "_name_or_path")}
+                       if k not in ("dtype", "_name_or_path", "architectures")}
     assert strip(back.config.to_dict()) == strip(hf.config.to_dict())
+    assert back.config.architectures == ["LlavaForConditionalGeneration"]
     np.testing.assert_array_equal(hf_logits(back, inputs), hf_logits(hf, inputs))
     # the tokenizer and image processor travelled along, both ways
     for path in (tmp_path / "ours", tmp_path / "back"):

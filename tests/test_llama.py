@@ -11,7 +11,9 @@ from flax import nnx
 
 from hf_reference import from_hf, prompts, tiny
 from tiny_hf import IMAGE_TOKEN_ID
-from svdprune_jax.models.llama import FastV, LlamaConfig, RMSNorm, apply_rope, init_cache, rope
+from svdprune_jax.models.layers import RMSNorm
+from svdprune_jax.models.cache import KVCache
+from svdprune_jax.models.llama import FastV, LlamaConfig, apply_rope, rope
 from svdprune_jax.models.llava import positions
 
 
@@ -80,18 +82,18 @@ def test_prefill_then_decode_equals_full_forward(tiny_pair):
     pos = positions(valid)
     full, none_cache, kept = lm(x, pos, valid)
     assert none_cache is None and kept is None
-    cache = init_cache(lm.config, 2, (T + 3,))
+    cache = KVCache.init(lm.config, 2, (T + 3,))
     h, cache, _ = _prefill(graphdef, state, x[:, :T], pos[:, :T], valid[:, :T], cache)
     ok = np.asarray(valid[:, :T])  # padding queries see no key: their output is meaningless
     np.testing.assert_allclose(np.asarray(h)[ok], np.asarray(full[:, :T])[ok], atol=1e-5)
     for t in range(T, T + 3):
-        k_before = cache[0]["k"]
+        k_before = cache.segments[0].k
         h, cache = _decode(graphdef, state, x[:, t:t + 1], pos[:, t:t + 1], cache)
         assert k_before.is_deleted()  # donated
         np.testing.assert_allclose(h[:, 0], full[:, t], atol=1e-5)
-    seg = cache[0]
-    assert seg["k"].shape == (3, 2, 2, T + 3, 8) and int(seg["index"]) == T + 3
-    np.testing.assert_array_equal(seg["mask"], valid)
+    seg, = cache.segments
+    assert seg.k.shape == (3, 2, 2, T + 3, 8) and int(seg.index) == T + 3
+    np.testing.assert_array_equal(seg.mask, valid)
 
 
 def _hf_fastv(hf, x, valid, pos, image_cols, K, keep, query=-1):
@@ -142,14 +144,14 @@ def test_fastv_matches_transformers_layers(tiny_pair, K, keep):
     with torch.no_grad():
         want_h, want_kept = _hf_fastv(hf, x, valid, pos, image_cols, K, keep)
     T = ids.shape[1]
-    cache = init_cache(lm.config, 2, (T + 2, T - n + keep + 2), FastV(keep, K))
+    cache = KVCache.init(lm.config, 2, (T + 2, T - n + keep + 2), FastV(keep, K))
     h, cache, kept = _prefill(graphdef, state, x, pos, valid, cache, jnp.asarray(image_cols), fastv=FastV(keep, K))
     np.testing.assert_array_equal(kept, want_kept)
     ok = np.take_along_axis(np.asarray(valid), want_kept, 1)
     np.testing.assert_allclose(np.asarray(h)[ok], want_h[ok], atol=1e-5)
     # the cache holds the full prompt below K and only the kept columns from K on
-    assert [s["k"].shape[0] for s in cache] == [K, 3 - K]
-    assert [int(s["index"]) for s in cache] == [T, T - n + keep]
+    assert [s.layers for s in cache.segments] == [K, 3 - K]
+    assert [int(s.index) for s in cache.segments] == [T, T - n + keep]
     # one decode step through both segments == the hand-driven reference on the prompt + that token
     x_new, pos_new = lm.embed_tokens(jnp.array([[5], [6]])), pos[:, -1:] + 1
     h_new, cache = _decode(graphdef, state, x_new, pos_new, cache)
@@ -165,11 +167,11 @@ def test_bad_input(tiny_pair):
     ids, valid, x = _inputs(lm, (12, 12), n_image=4)
     pos = positions(valid)
     with pytest.raises(ValueError, match="exceeds the cache"):
-        lm(x, pos, valid, cache=init_cache(lm.config, 2, (11,)))
+        lm(x, pos, valid, cache=KVCache.init(lm.config, 2, (11,)))
     with pytest.raises(ValueError, match="FastV layer 3 outside"):
         lm(x, pos, valid, fastv=FastV(2, 3), image_positions=jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="FastV keep 5 outside"):
         lm(x, pos, valid, fastv=FastV(5, 1), image_positions=jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="cache has 1 segments; expected 2"):
-        lm(x, pos, valid, cache=init_cache(lm.config, 2, (20,)), fastv=FastV(2, 1),
+        lm(x, pos, valid, cache=KVCache.init(lm.config, 2, (20,)), fastv=FastV(2, 1),
            image_positions=jnp.zeros((2, 4), jnp.int32))

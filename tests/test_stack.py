@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from hf_reference import from_hf, pixels, prompts, tiny
-from svdprune_jax.models.generate import generate
+from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
 from svdprune_jax.models.llava import Pruning, forward
 from svdprune_jax.models.stack import per_layer
@@ -41,5 +41,5 @@ def test_forward_and_generate_equal_stacked(models, kw):
     px = pixels(cfg, 2)
     want, got = (forward(*m, px, ids, mask, **kw) for m in (stacked, per))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-    want, got = (generate(*m, px, ids, mask, max_new_tokens=M, eos_token_id=None, **kw).tokens for m in (stacked, per))
+    want, got = (generate(*m, px, ids, mask, decoding=Decoding(M), **kw).tokens for m in (stacked, per))
     np.testing.assert_array_equal(got, want)

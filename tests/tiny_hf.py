@@ -13,13 +13,23 @@ def tiny_llava_config(
     vision_feature_layer=-2,
     vision_feature_select_strategy="default",
     num_key_value_heads=2,
+    head_dim=None,
     rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
     tie_word_embeddings=False,
+    vision_hidden_act="quick_gelu",
+    vision_layer_norm_eps=1e-5,
+    projector_hidden_act="gelu",
+    multimodal_projector_bias=True,
     image_size=28,
     patch_size=7,
     vision_layers=3,
     text_layers=2,
 ):
+    """Every config value our models read is an argument (defaults: llava-1.5's, except the sizes)."""
     text = dict(
         model_type="llama",
         vocab_size=128,
@@ -28,8 +38,13 @@ def tiny_llava_config(
         num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
         max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        rms_norm_eps=rms_norm_eps,
+        hidden_act=hidden_act,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0,
         bos_token_id=1,
@@ -44,6 +59,8 @@ def tiny_llava_config(
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=16,
+        hidden_act=vision_hidden_act,
+        layer_norm_eps=vision_layer_norm_eps,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -51,6 +68,8 @@ def tiny_llava_config(
         image_token_index=IMAGE_TOKEN_ID,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act=projector_hidden_act,
+        multimodal_projector_bias=multimodal_projector_bias,
         tie_word_embeddings=tie_word_embeddings,
     )
 
@@ -59,9 +78,9 @@ def tiny_llava(seed=0, **overrides) -> LlavaForConditionalGeneration:
     """A float32 eval-mode model with random weights (seeded), built from `tiny_llava_config`."""
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_llava_config(**overrides)).eval()
-    # Random init leaves norms at 1/0; perturb them so a wrongly wired norm cannot hide.
+    # Random init leaves norms at 1/0 and biases at 0; perturb them so a wrongly wired norm or bias cannot hide.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
