@@ -5,14 +5,18 @@ Layouts under a data directory (as unpacked from the official downloads):
             images/{imageId}.jpg
   textvqa:  TextVQA_0.5.1_val.json  {"data": [{"question_id", "image_id", "question", "answers" (10), ...}]},
             train_images/{image_id}.jpg  (the val images ship in the train_val zip)
-Bad entries (missing image, missing field, no answers) are logged with their id and skipped, or raise under strict.
+Bad entries (missing or undecodable image, missing field, no answers) are logged with their id and skipped, or raise under strict.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
+
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,32 @@ def _image(images: Path, image_id: str) -> Path:
     path = images / f"{image_id}.jpg"
     if not path.is_file():
         raise _BadEntry(f"missing image file {path}")
+    stat = path.stat()
+    problem = _unreadable(path, stat.st_mtime_ns, stat.st_size)
+    if problem:
+        raise _BadEntry(f"unreadable image file {path}: {problem}")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _unreadable(path: Path, mtime_ns: int, size: int) -> str | None:
+    """Why an image file cannot be decoded, or None. Each version of a file (its mtime and size) is decoded
+    once (GQA asks about each of its 398 testdev images ~30 times), so that a corrupt image is skipped like a missing one rather than aborting a run."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a file: what identifies a question file whatever its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _gqa_sample(qid: str, entry: dict, images: Path) -> Sample:
