@@ -74,7 +74,8 @@ def abstract_params(model: Llava, mesh: Mesh | None = None) -> dict:
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `dest`; renamed to `dest` on success, removed on any error."""
+    """Yield an empty temporary directory beside `dest`; renamed to `dest` (with the mode the user's umask
+    gives a new directory) on success, removed on any error or interrupt."""
     dest = Path(dest).absolute()
     if dest.exists():
         raise ValueError(f"{dest} already exists; remove it or choose another output directory")

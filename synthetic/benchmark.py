@@ -5,6 +5,8 @@ Each question gets one greedy answer through `Pipeline.answer` (the path `svdpru
 exact match with its one-word answer, overall and per question family. Methods are method specs
 (`svdprune_jax.inference.methods`: "svd", "svd:energy=0.9", "lrcp:r=4", "svd:adaptive=0.9", ...); results are keyed by the spec as
 given. Alongside accuracy:
+- the well-formed-answer rate: answers that are one of the question family's answers and end there (EOS), so
+  that a reader failure (rambling, answering out of the family) shows in every table, not only as lost accuracy;
 - a 95% bootstrap interval over questions for every accuracy (`svdprune_jax.evaluation.stats.bootstrap_ci`, seeded: every method
   is resampled with the same draws);
 - object recall, for the selectors that prune before the language model: the share of the asked object's
@@ -24,7 +26,9 @@ Budgets are shares of the model's image tokens ("50%", the paper's "64/576") or 
 batches have one size (the last of a group is filled up with repeated rows whose answers are dropped), so every
 method x budget compiles once. Outputs: a CSV and a JSON (rows with intervals and p-values, per-seed runs), an
 accuracy-vs-mean-kept-tokens plot with the intervals as error bars (fixed and adaptive budgets on one axes) and a
-grid of the kept tokens of every selector on the first test images at the smallest budget.
+grid of the kept tokens of every selector on the first test images at the smallest budget. Every finished
+method x budget x seed is appended to `RESULTS` in the output directory: a rerun resumes from it, and a rerun with
+other methods or budgets adds its rows to the earlier ones (see `run`).
 """
 import csv
 import dataclasses
