@@ -18,7 +18,6 @@ gathered and only process 0 writes (--out must be one directory all processes se
 """
 import argparse
 import dataclasses
-import json
 import sys
 import zlib
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import jax
 
+from svdprune_jax.cli import outputs
 from svdprune_jax.evaluation import harness as eval_harness
 from svdprune_jax.synthetic import benchmark as eval_synthetic
 from svdprune_jax.evaluation import vqa_data
@@ -39,7 +39,7 @@ from svdprune_jax.evaluation.stats import RESAMPLES
 from svdprune_jax.models import sharding
 
 BENCHMARKS = ("synthetic", *vqa_data.LAYOUTS)
-VQA_METHODS = tuple(m for m in METHODS if m != "full")  # "full" is the harness's baseline, always run
+VQA_METHODS = tuple(m for m in METHODS if m != eval_harness.BASELINE[0])  # the harness's baseline, always run
 
 
 def vqa_predict(pipe: Pipeline, protocol: Protocol, *, batch: int, max_new_tokens: int, convert_rgb: bool,
@@ -59,19 +59,6 @@ def vqa_predict(pipe: Pipeline, protocol: Protocol, *, batch: int, max_new_token
                                  template=template, key=key)
         return [a.text for a in answers[:len(samples)]]
     return predict
-
-
-def check_settings(out: Path, **settings) -> None:
-    """A resumed run must answer as the finished answers in `out` were: same model, prompt and decoding."""
-    path = out / "settings.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        changed = sorted(k for k in settings.keys() | stored.keys() if stored.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{out} holds answers made with other settings ({', '.join(changed)}: "
-                             f"{[stored.get(k) for k in changed]} there); use another --out")
-    else:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def warm_up(dataset: vqa_data.Dataset, predict: eval_harness.Predict, runs, out_dir: Path, batch: int) -> None:
@@ -115,8 +102,9 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
                         f"in LLaVA's instruction); the bundled model was trained on {CHAT_TEMPLATE!r}")
     p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     args = p.parse_args(argv)
-    protocol = dataclasses.replace(PROTOCOLS[args.protocol], **{k: getattr(args, k) for k in ("pad_square", "system", "ocr", "instruction")
-                                                              if getattr(args, k) is not None})
+    parts = ("pad_square", "system", "ocr", "instruction")
+    protocol = dataclasses.replace(PROTOCOLS[args.protocol],
+                                   **{k: getattr(args, k) for k in parts if getattr(args, k) is not None})
     template = args.prompt_template or protocol.template
     check_template(template)  # before any work; `Pipeline.prompt_ids` checks it on every use
     specs = parse_list(args.methods, VQA_METHODS)
@@ -133,24 +121,30 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     mesh = sharding.mesh_option(args.mesh)
     if mesh is not None:
         sharding.check_batch(args.batch, mesh)
+    out = args.out or Path("eval") / name
+    outputs.check_dir(out, "--out")
     dataset = vqa_data.load(name, args.data, strict=args.strict)
     if args.limit is not None:
         dataset = vqa_data.Dataset(name, dataset.samples[:args.limit], dataset.skipped)
+    if name == "textvqa" and protocol.ocr and not any(s.ocr for s in dataset.samples):
+        raise ValueError(f"textvqa: {args.data} has no OCR tokens (LLaVA's llava_textvqa_val_v051_ocr.jsonl, or "
+                         f"{vqa_data.ROSETTA_OCR}); pass --no-ocr to evaluate without them")
+    questions = args.data / vqa_data.LAYOUTS[name][vqa_data.detect(name, args.data)][0]
+    settings = dict(data=str(args.data.resolve()), questions_sha256=vqa_data.fingerprint(questions),
+                    model=str(args.model.resolve()), prompt_template=template, pad_square=protocol.pad_square,
+                    ocr=protocol.ocr, instruction=protocol.instruction, max_new_tokens=args.max_new_tokens,
+                    convert_rgb=args.convert_rgb)
+    if out.is_dir():  # refused before the model loads
+        eval_harness.check_settings(out, settings)
     pipe = Pipeline.load(args.model, mesh=mesh)
     for method in methods:
         for k in keeps:
             pipe.budget(method, k)  # bad budgets fail before any work
     runs = [(m, k) for m in methods for k in keeps]
-    out = args.out or Path("eval") / name
-    if name == "textvqa" and protocol.ocr and not any(s.ocr for s in dataset.samples):
-        raise ValueError(f"textvqa: {args.data} has no OCR tokens (LLaVA's llava_textvqa_val_v051_ocr.jsonl, or "
-                         f"{vqa_data.ROSETTA_OCR}); pass --no-ocr to evaluate without them")
     predict = vqa_predict(pipe, protocol, batch=args.batch, max_new_tokens=args.max_new_tokens,
                           convert_rgb=args.convert_rgb, template=template)
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, model=str(args.model.resolve()), prompt_template=template,
-                   pad_square=protocol.pad_square, ocr=protocol.ocr, instruction=protocol.instruction,
-                   max_new_tokens=args.max_new_tokens, convert_rgb=args.convert_rgb)
+    eval_harness.check_settings(out, settings)
     warm_up(dataset, predict, runs, out, args.batch)
     write = jax.process_index() == 0
     rows = eval_harness.evaluate(dataset, predict, runs, out, batch_size=args.batch, write=write)
@@ -184,6 +178,7 @@ def synthetic_main(argv: Sequence[str]) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("eval/synthetic"))
     p.add_argument("--mesh", help="data=D,model=M: run sharded (--batch a multiple of D); default one device")
     a = p.parse_args(argv)
+    outputs.check_dir(a.out, "--out")
     return eval_synthetic.run(a.model, a.out, n=a.n, methods=items(a.methods), budgets=items(a.budgets),
                               seeds=a.seeds, batch=a.batch, max_new_tokens=a.max_new_tokens, resamples=a.resamples,
                               split=a.split, mesh=sharding.mesh_option(a.mesh))

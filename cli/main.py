@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from svdprune_jax.cli import runtime
+from svdprune_jax import names
+from svdprune_jax.cli import outputs, runtime
 
 PAPER_FRACTION = 64 / 576  # the paper's 64-of-576 budget, as a share of any model's image tokens
 MESH_HELP = ("run sharded on a device mesh: data=D,model=M with D*M = every device of every process; the batch "
@@ -39,6 +40,13 @@ def run(args):
         raise ValueError(f"the bundled model is not installed ({bundled.MODEL_DIR}): reinstall svdprune-jax or "
                          "pass --model DIR (an HF LLaVA directory or our checkpoint)")
     spec = parse(args.method, METHODS)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: give a question, or leave --prompt out for the bundled example's")
+    # the picture's path, checked before any work (its default name holds the budget, known once the model is)
+    if args.out is not None:
+        outputs.check_file(args.out, "--out")
+    else:
+        outputs.check_dir(Path.cwd(), "the working directory (the kept-token picture's default place; or --out)")
     example = bundled.example()
     question = args.prompt if args.prompt is not None else example["question"]
     # the bundled example's right answer, shown beside the model's so a wrong pruned answer is visible
@@ -103,13 +111,26 @@ def timed_answer(pipe, image, question: str, method, keep: int | None, max_new_t
 
 def convert(args):
     from svdprune_jax.convert import convert_checkpoint
+    outputs.check_dir(args.out_dir, "convert's output")
     print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=True))
 
 
 def export(args):
     from svdprune_jax.convert import export_checkpoint
+    outputs.check_dir(args.hf_dir, "export's output")
     files = export_checkpoint(args.our_dir, args.hf_dir, max_shard_bytes=args.max_shard_bytes, progress=True)
     print(f"wrote {len(files)} weight file(s) to {args.hf_dir}")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", help="the question (default: the bundled image's question)")
     r.add_argument("--keep", type=int, help="image tokens kept (default: 64/576 of the model's image tokens)")
     r.add_argument("--method", default="svd", help="a method spec, e.g. svd:energy=0.9 (svdprune_jax.inference."
-                   "methods); methods: full, svd, random, norm, cls_attention, divprune, visionzip, lrcp, fastv")
+                   f"methods); methods: {', '.join(names.ANSWER_METHODS)}")
     r.add_argument("--max-new-tokens", type=int, default=16)
     r.add_argument("--out", type=Path, help="PNG of the kept tokens (default: kept_tokens_METHOD_K.png)")
     r.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -146,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="our checkpoint -> transformers-loadable HF LLaVA directory")
     e.add_argument("our_dir", type=Path)
     e.add_argument("hf_dir", type=Path)
-    e.add_argument("--max-shard-bytes", type=int, help="shard the safetensors at this size")
+    e.add_argument("--max-shard-bytes", type=positive_int, help="shard the safetensors at this size")
     e.set_defaults(fn=export)
 
     for name, (_, help_) in DELEGATED.items():  # listed here; their own parsers take the rest of the line
@@ -176,6 +197,8 @@ def initialize_distributed(args):
 def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     runtime.set_defaults()
+    runtime.catch_signals()
+    runtime.drop_closed_loop_reports()
     at = command_index(argv)
     delegated = at is not None and argv[at] in DELEGATED
     args = parser().parse_args(argv[:at + 1] if delegated else argv)
@@ -187,9 +210,15 @@ def main(argv: Sequence[str] | None = None):
             return module.main(argv[at + 1:], prog=f"svdprune-jax {args.command}")
         return args.fn(args)
     except runtime.EXPECTED as e:  # bad input or an unusable file: one clear line, no traceback
+        if runtime.interrupted():  # a library turned the interrupt into its own error
+            sys.exit(f"svdprune-jax {args.command}: interrupted")
         sys.exit(f"svdprune-jax {args.command}: error: {runtime.describe(e)}")
     except KeyboardInterrupt:
         sys.exit(f"svdprune-jax {args.command}: interrupted")
+    except Exception:
+        if runtime.interrupted():  # e.g. a thread pool's "cannot schedule new futures" after Ctrl-C
+            sys.exit(f"svdprune-jax {args.command}: interrupted")
+        raise
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Process-wide settings the CLI applies before JAX loads: thread and log defaults, the persistent XLA
 compilation cache, and which exceptions are a user's problem (one line) rather than a bug (a traceback)."""
 import os
+import signal
+import sys
 from pathlib import Path
 
 CACHE_ENV = "SVDPRUNE_JAX_CACHE"  # a directory for compiled programs, or "off"
@@ -14,6 +16,42 @@ def set_defaults() -> None:
     advisory notes ("PyTorch was not found"): the JAX path never uses torch."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+_SIGNALS = []  # the interrupting signals received
+CLOSED_LOOP = "Event loop is closed"
+
+
+def drop_closed_loop_reports() -> None:
+    """After a failed Orbax restore (a params file deleted or truncated) tensorstore still completes the reads in
+    flight, and their callbacks find Orbax's asyncio loop closed: each reports 'RuntimeError: Event loop is
+    closed' as an unraisable exception, a traceback printed after the real error's one line. Those reports are
+    dropped; every other goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == CLOSED_LOOP):
+            previous(unraisable)
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def catch_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (SIGTERM by default ends Python without
+    unwinding: no cleanup of half-written outputs), and are remembered: a library may turn the interrupt into
+    an error of its own, which is then reported as the interruption it is."""
+    def interrupt(signum, frame):
+        _SIGNALS.append(signum)
+        raise KeyboardInterrupt
+    _SIGNALS.clear()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
+
+
+def interrupted() -> bool:
+    return bool(_SIGNALS)
 
 
 def default_cache_dir() -> Path:

@@ -74,18 +74,26 @@ def abstract_params(model: Llava, mesh: Mesh | None = None) -> dict:
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `dest`; renamed to `dest` on success, removed on any error."""
+    """Yield an empty temporary directory beside `dest`; renamed to `dest` (with the mode the user's umask
+    gives a new directory) on success, removed on any error or interrupt."""
     dest = Path(dest).absolute()
     if dest.exists():
         raise ValueError(f"{dest} already exists; remove it or choose another output directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))  # mode 0700
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # a directory as mkdir would have made it
         os.rename(tmp, dest)
-    except BaseException:
+    except BaseException:  # KeyboardInterrupt too (the CLI turns SIGTERM into one)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _plan(tensors: dict[str, Tensor], model: Llava) -> tuple[keymap.Plan, dict]:
@@ -105,6 +113,7 @@ def _read(plan: keymap.Plan, abstract: dict, read: Callable[[int], None] = lambd
         for dst, (_, t) in zip(out if rule.stacked else [out], sources):
             copy_tiled(dst, rule.transform.to_ours(t.load()))
             read(t.nbytes)
+        _check_finite(path, out)
         yield path, out
 
 
@@ -114,7 +123,9 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
 
 def _drain(flat: dict) -> Iterator[tuple[keymap.Path, np.ndarray]]:
     while flat:
-        yield flat.popitem()
+        path, a = flat.popitem()
+        _check_finite(path, a)
+        yield path, a
 
 
 def _model(model: Llava, params: Iterator[tuple[keymap.Path, np.ndarray | jax.Array]], target: dict) -> Llava:
@@ -130,6 +141,14 @@ def _model(model: Llava, params: Iterator[tuple[keymap.Path, np.ndarray | jax.Ar
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({p: place(p, a) for p, a in params}))
     return nnx.merge(graphdef, state)
+
+
+def _check_finite(path: keymap.Path, a: np.ndarray | jax.Array) -> None:
+    """A weight holding NaN or inf makes every answer garbage (random bytes under a valid header: "" and ids
+    [0, 0, ...]): refused at load, naming the param."""
+    finite = np.isfinite(a).all() if isinstance(a, np.ndarray) else bool(jax.numpy.isfinite(a).all())
+    if not finite:
+        raise ValueError(f"param {'.'.join(map(str, path))} holds NaN or inf: the checkpoint is damaged")
 
 
 def _stored_dtype(our_dir: Path) -> str:
@@ -227,6 +246,8 @@ def export_checkpoint(our_dir: str | Path, hf_dir: str | Path, max_shard_bytes: 
     unused = read_header(our_dir / UNUSED) if (our_dir / UNUSED).is_file() else {}
     entries += [(key, t.shape, t.dtype, t.load) for key, t in unused.items()]
     entries.sort(key=lambda e: _natural(e[0]))
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
     with atomic_dir(hf_dir) as tmp, _bar(sum(map(nbytes, entries)), "export", progress) as bar:
         files = write_checkpoint(tmp, entries, max_shard_bytes, bar.update)
         write_config(tmp, config, dtype, base)

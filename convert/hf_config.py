@@ -21,9 +21,15 @@ def read_config_json(directory: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{directory}: no {CONFIG}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of config keys, got a JSON {type(config).__name__}")
+    for key in ("vision_config", "text_config"):
+        if not isinstance(config.get(key, {}), dict):
+            raise ValueError(f"{path}: {key} must be a JSON object, got {config[key]!r:.60}")
+    return config
 
 
 def read_config(directory: str | Path) -> LlavaConfig:

@@ -23,8 +23,17 @@ def save_params(directory: str | Path, params: dict):
 
 def params_metadata(directory: str | Path) -> dict:
     """The stored tree with (shape, dtype) leaves, read from the checkpoint's metadata only."""
-    meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(Path(directory).absolute())
-    return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta.item_metadata.tree)
+    try:
+        meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(Path(directory).absolute())
+        tree = meta.item_metadata.tree  # item_metadata is None when the metadata file is gone
+    except (AttributeError, OSError, ValueError) as e:
+        raise ValueError(f"{directory}: the checkpoint's metadata cannot be read (a file deleted or damaged?): "
+                         f"{_first_line(e)}") from None
+    return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), tree)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def restore_params(directory: str | Path, abstract: dict) -> dict:
@@ -41,5 +50,9 @@ def restore_params(directory: str | Path, abstract: dict) -> dict:
         raise ValueError(f"{directory}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
     args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype) if a.sharding is None
                         else ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=a.sharding), abstract)
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        Path(directory).absolute(), args=ocp.args.PyTreeRestore(item=abstract, restore_args=args))
+    try:
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            Path(directory).absolute(), args=ocp.args.PyTreeRestore(item=abstract, restore_args=args))
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore: a data file missing, truncated or damaged
+        raise ValueError(f"{directory}: the stored params cannot be read (a file deleted, truncated or damaged?): "
+                         f"{_first_line(e)}") from None

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from svdprune_jax import names
 from svdprune_jax.evaluation.vqa_data import Dataset, Sample
 from svdprune_jax.evaluation.vqa_metrics import SCORES
 
 log = logging.getLogger(__name__)
 
 Predict = Callable[[Sequence[Sample], str, int | None], list[str]]
-BASELINE = ("full", None)  # the unpruned model: every vision token kept
+SETTINGS = "settings.json"  # what the answers in an output directory were made with
+BASELINE = (names.FULL, None)  # the unpruned model: every vision token kept
 _METHOD_NAME = re.compile(r"[A-Za-z0-9_.:=-]+")  # method specs too (svdprune_jax.inference.methods: "svd:energy=0.9")
 
 
@@ -69,7 +71,27 @@ def read_results(path: Path) -> dict[str, dict]:
     return results
 
 
-def _drop_incomplete_tail(path: Path) -> None:
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """A resumed run must answer as the finished answers in `out_dir` (its *.jsonl files) were: same data, model,
+    prompt, decoding. The settings are recorded while `out_dir` holds no answer yet (a first run that failed
+    before its first answer leaves nothing to protect), and compared once it holds some: ValueError naming every
+    setting that changed."""
+    out_dir = Path(out_dir)
+    path = out_dir / SETTINGS
+    if any(p.stat().st_size for p in out_dir.glob("*.jsonl")):
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{out_dir} holds answers but no readable {SETTINGS} ({e}); use another --out") from None
+        changed = sorted(k for k in settings.keys() | stored.keys() if stored.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out_dir} holds answers made with other settings ({', '.join(changed)}: "
+                             f"{[stored.get(k) for k in changed]} there); use another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def drop_incomplete_tail(path: Path) -> None:
     """Cuts the file back to its last newline, so appended lines do not fuse with a half-written one."""
     if path.exists():
         raw = path.read_bytes()
@@ -86,7 +108,7 @@ def run(dataset: Dataset, predict: Predict, method: str, budget: int | None, out
     done = read_results(path)
     pending = [s for s in dataset.samples if s.qid not in done]
     if write:
-        _drop_incomplete_tail(path)
+        drop_incomplete_tail(path)
     score = SCORES[dataset.name]
     desc = f"{dataset.name} {method}" + ("" if budget is None else f" k={budget}")
     sink = path if write else os.devnull

@@ -12,15 +12,19 @@ Layouts under a data directory (`detect` tells them apart by their question file
             llava:    llava_textvqa_val_v051_ocr.jsonl (the text holds the OCR line), TextVQA_0.5.1_val.json for the
                       answers, train_images/{image}
 A sample keeps the question and its OCR tokens apart; `evaluation.protocol` builds the text the model reads.
-Bad entries (missing image, missing field, no answers, a text not in LLaVA's form) are logged with their id and
-skipped, or raise under strict.
+Bad entries (missing or undecodable image, missing field, no answers, a text not in LLaVA's form) are logged with
+their id and skipped, or raise under strict.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
+
+from PIL import Image
 
 from svdprune_jax.evaluation.protocol import parse_user_text
 
@@ -66,7 +70,33 @@ def _image(images: Path, file_name: str) -> Path:
     path = images / file_name
     if not path.is_file():
         raise _BadEntry(f"missing image file {path}")
+    stat = path.stat()
+    problem = _unreadable(path, stat.st_mtime_ns, stat.st_size)
+    if problem:
+        raise _BadEntry(f"unreadable image file {path}: {problem}")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _unreadable(path: Path, mtime_ns: int, size: int) -> str | None:
+    """Why an image file cannot be decoded, or None. Each version of a file (its mtime and size) is decoded
+    once (GQA asks about each of its 398 testdev images ~30 times), so that a corrupt image is skipped like a
+    missing one rather than aborting a run."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a file: what identifies a question file whatever its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _gqa_answer(entry: dict) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 import svdprune_jax
+from svdprune_jax import names
 from svdprune_jax.inference.methods import MethodSpec, parse
 from svdprune_jax.convert.checkpoint import load_model
 from svdprune_jax.convert.hf_config import processor_path, tokenizer_path
@@ -28,7 +29,7 @@ from svdprune_jax.models.llama import FastV
 from svdprune_jax.models.llava import GIVEN, LlavaConfig, adaptive_keep
 
 log = logging.getLogger(__name__)
-METHODS = ("full", *svdprune_jax.METHODS, "fastv")  # answer() also takes GIVEN, with the caller's scores
+METHODS = names.ANSWER_METHODS  # answer() also takes GIVEN, with the caller's scores
 CHAT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's conversation format
 
 
@@ -150,6 +151,11 @@ def check_template(template: str) -> None:
     """A prompt template must place the question; its image token is checked against the tokenizer in `prompt_ids`."""
     if "{question}" not in template:
         raise ValueError(f"the prompt template must hold {{question}}: {template!r}")
+    try:
+        template.format(question="")
+    except (KeyError, IndexError, ValueError) as e:  # {foo}, {0}, a lone brace
+        raise ValueError(f"the prompt template may hold no field but {{question}} (write {{{{ and }}}} for "
+                         f"braces): {template!r} ({type(e).__name__}: {e})") from None
 
 
 def expand(prompt_ids: list[int], image_token_id: int, n: int) -> list[int]:

@@ -99,9 +99,17 @@ def _centred(x, center: bool):
     return x - x.mean(axis=-2, keepdims=True) if center else x
 
 
+def _unit_scale(x):
+    """x divided by its largest absolute entry (per matrix): leverage does not depend on the scale, but float32
+    squared singular values overflow from |x| ~ 1e18 and underflow below ~1e-19, which left every score 0."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    return x / jnp.where(scale > 0, scale, 1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("by_energy", "center", "solver", "sketch"))
 def _leverage_cut(x, cut, *, by_energy, center, solver, sketch):
-    s2, u, resolved = spectrum(_centred(x, center), solver, sketch)
+    s2, u, resolved = spectrum(_centred(_unit_scale(x), center), solver, sketch)
     kept = _kept_directions(s2, None, cut) if by_energy else _kept_directions(s2, cut, None)
     return jnp.einsum("...nm,...m->...n", u * u, (kept & resolved).astype(jnp.float32))
 

@@ -7,9 +7,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from svdprune_jax import baselines, checks, leverage
+from svdprune_jax.names import METHODS  # the one list of method names
 from svdprune_jax.select import gather_tokens, top_k_indices
 
-METHODS = ("svd", "random", "norm", "cls_attention", "divprune", "visionzip", "lrcp")
 NEEDS_CLS_ATTENTION = ("cls_attention", "visionzip")
 NEEDS_KEY = ("random",)
 MERGEABLE = ("svd", "random", "norm", "cls_attention", "divprune", "lrcp")  # selections that can merge the rest

@@ -5,6 +5,8 @@ Each question gets one greedy answer through `Pipeline.answer` (the path `svdpru
 exact match with its one-word answer, overall and per question family. Methods are method specs
 (`svdprune_jax.inference.methods`: "svd", "svd:energy=0.9", "lrcp:r=4", "svd:adaptive=0.9", ...); results are keyed by the spec as
 given. Alongside accuracy:
+- the well-formed-answer rate: answers that are one of the question family's answers and end there (EOS), so
+  that a reader failure (rambling, answering out of the family) shows in every table, not only as lost accuracy;
 - a 95% bootstrap interval over questions for every accuracy (`svdprune_jax.evaluation.stats.bootstrap_ci`, seeded: every method
   is resampled with the same draws);
 - object recall, for the selectors that prune before the language model: the share of the asked object's
@@ -24,7 +26,9 @@ Budgets are shares of the model's image tokens ("50%", the paper's "64/576") or 
 batches have one size (the last of a group is filled up with repeated rows whose answers are dropped), so every
 method x budget compiles once. Outputs: a CSV and a JSON (rows with intervals and p-values, per-seed runs), an
 accuracy-vs-mean-kept-tokens plot with the intervals as error bars (fixed and adaptive budgets on one axes) and a
-grid of the kept tokens of every selector on the first test images at the smallest budget.
+grid of the kept tokens of every selector on the first test images at the smallest budget. Every finished
+method x budget x seed is appended to `RESULTS` in the output directory: a rerun resumes from it, and a rerun with
+other methods or budgets adds its rows to the earlier ones (see `run`).
 """
 import csv
 import dataclasses
@@ -41,22 +45,25 @@ from PIL import Image
 from tqdm import tqdm
 
 import svdprune_jax
+from svdprune_jax import names
 from svdprune_jax.synthetic.bundled import SCENES
 from svdprune_jax.inference.methods import MethodSpec, parse, parse_list
 from svdprune_jax.inference.pictures import accuracy_plot, kept_grid
 from svdprune_jax.inference.pipeline import GIVEN, Pipeline
 from svdprune_jax.synthetic.scene import SceneConfig
+from svdprune_jax.evaluation.harness import check_settings, drop_incomplete_tail
 from svdprune_jax.evaluation.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
-from svdprune_jax.synthetic.samples import FAMILIES, make_sample, split_seeds
+from svdprune_jax.synthetic.samples import ANSWERS, FAMILIES, make_sample, split_seeds
 from svdprune_jax.models import sharding
 from svdprune_jax.models.clip import CLIPVisionConfig
 
 ORACLE = "oracle"
-FULL = "full"
-RECALLED = (*svdprune_jax.METHODS, ORACLE)  # selectors that keep patches before the language model
-METHODS = (*svdprune_jax.METHODS, "fastv", ORACLE)
+FULL = names.FULL
+RECALLED = (*names.METHODS, ORACLE)  # selectors that keep patches before the language model
+METHODS = (*names.METHODS, names.FASTV, ORACLE)
 BUDGETS = ("100%", "50%", "25%", "64/576", "32/576", "16/576")
 SEEDS = 5  # random pruning's seeds
+RESULTS = "runs.jsonl"  # one line per finished (method spec, budget, seed): the sweep resumes from it
 GRID_IMAGES = 4  # test images in the kept-token grid
 
 
@@ -86,6 +93,9 @@ class Run:
     kept: list[list[int]] | None  # kept patch indices per question; None without kept patches (full, fastv)
     recall: Float[np.ndarray, "n"] | None  # NaN where nothing is asked about; None without kept patches
     seconds: float  # wall time per question, compilation excluded
+    well_formed: Bool[np.ndarray, "n"] | None = None  # one of the family's answers, and nothing after it
+    texts: tuple[str, ...] | None = None  # the answers as given (what a resumed sweep reads back)
+    stopped: tuple[bool, ...] | None = None  # the answer ended (EOS) within max_new_tokens
 
     @property
     def method(self) -> str:
@@ -98,19 +108,31 @@ def scene_config(vision: CLIPVisionConfig) -> SceneConfig:
     return same[0] if same else SceneConfig(image_size=vision.image_size, patch_size=vision.patch_size)
 
 
+def well_formed(texts: Sequence[str], stopped: Sequence[bool], families: np.ndarray) -> Bool[np.ndarray, "n"]:
+    """Answers that are one of their question family's answers and stop there (EOS next, nothing after): the
+    share of answers the benchmark's reader can score at all. A decoder that rambles or answers out of its family
+    is visible here even where accuracy alone would not say why."""
+    return np.array([stop and text in ANSWERS[f] for text, stop, f in zip(texts, stopped, families)], bool)
+
+
 def budget_tokens(spec: str, n: int) -> int:
     """Tokens kept for a budget: "50%" and "64/576" are shares of the n image tokens (rounded, at least 1),
     "20" is a count."""
     try:
         if spec.endswith("%"):
-            k = max(1, round(float(spec[:-1]) / 100 * n))
+            share = float(spec[:-1]) / 100
         elif "/" in spec:
             num, den = spec.split("/")
-            k = max(1, round(int(num) / int(den) * n))
+            share = int(num) / int(den)
         else:
+            share = None
             k = int(spec)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"budget {spec!r}: expected a share (50%, 64/576) or a token count (20)") from None
+    if share is not None:
+        if not 0 < share <= 1:  # NaN, inf, zero and negative shares too
+            raise ValueError(f"budget {spec!r}: a share must be above 0 and at most 100%")
+        k = max(1, round(share * n))
     if not 1 <= k <= n:
         raise ValueError(f"budget {spec!r} is {k} tokens, outside [1, {n}] (the model's image tokens)")
     return k
@@ -180,7 +202,8 @@ def evaluate_run(pipe: Pipeline, test: TestSet, spec: MethodSpec, budget: str, k
               else np.full(n, keep))
     fixed = spec.fixed() if spec.adaptive is not None else spec
     scores = oracle_scores(test.mask, test.coverage) if spec.method == ORACLE else None
-    texts, kept = np.empty(n, object), [None] * n
+    texts, kept, stopped = np.empty(n, object), [None] * n, np.zeros(n, bool)
+    eos = pipe.tokenizer.eos_token_id
     groups = [g for k in np.unique(tokens) for g in _batches(np.flatnonzero(tokens == k), batch)]
     for b, (rows, real) in enumerate(groups):
         k = int(tokens[rows[0]])
@@ -190,12 +213,47 @@ def evaluate_run(pipe: Pipeline, test: TestSet, spec: MethodSpec, budget: str, k
             keep=None if spec.method == FULL else k, max_new_tokens=max_new_tokens,
             key=jax.random.fold_in(jax.random.key(seed), b)))
         for i, a in zip(rows[:real], answers[:real]):
-            texts[i], kept[i] = a.text, a.kept_indices
+            texts[i], kept[i], stopped[i] = a.text, a.kept_indices, bool(a.token_ids) and a.token_ids[-1] == eos
         bar.update(real)
-    correct = (texts == np.array(test.answers, object)).astype(bool)
-    has_kept = spec.method in RECALLED
-    return Run(spec, budget, keep, seed, correct, tokens, kept if has_kept else None,
-               object_recall(kept, test.mask) if has_kept else None, (clock.seconds - start) / n)
+    return make_run(test, spec, budget, keep, seed, texts.tolist(), stopped.tolist(), tokens,
+                    kept if spec.method in RECALLED else None, (clock.seconds - start) / n)
+
+
+def make_run(test: TestSet, spec: MethodSpec, budget: str, keep: int, seed: int, texts: Sequence[str],
+             stopped: Sequence[bool], tokens: Sequence[int], kept: list[list[int]] | None, seconds: float) -> Run:
+    """A Run from what the model gave (fresh, or read back from `RESULTS`): scores derived from the test set."""
+    correct = np.array([t == a for t, a in zip(texts, test.answers)], bool)
+    return Run(spec, budget, keep, seed, correct, np.asarray(tokens), kept,
+               None if kept is None else object_recall(kept, test.mask), seconds,
+               well_formed(texts, stopped, test.families), tuple(texts), tuple(map(bool, stopped)))
+
+
+def run_record(run: Run) -> dict:
+    """One line of `RESULTS`: everything a resumed sweep needs to rebuild the run (`read_runs`)."""
+    return dict(method=run.method, budget=run.budget, keep=run.keep, seed=run.seed, texts=list(run.texts),
+                stopped=list(run.stopped), tokens=run.tokens.tolist(), kept=run.kept, seconds=run.seconds)
+
+
+def read_runs(path: Path, test: TestSet) -> dict[tuple[str, str, int], Run]:
+    """Finished runs by (method spec, budget, seed), in file order. A last line without its newline (a crash
+    mid-write) is ignored; any other malformed line raises ValueError naming file and line."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    runs = {}
+    for number, line in enumerate(raw[:raw.rfind(b"\n") + 1].decode().split("\n")[:-1], 1):
+        try:
+            rec = json.loads(line)
+            spec = parse(rec["method"], (*METHODS, FULL))
+            texts, stopped, tokens, kept = rec["texts"], rec["stopped"], rec["tokens"], rec["kept"]
+            if not len(texts) == len(stopped) == len(tokens) == len(test):
+                raise ValueError(f"{len(texts)} answers for {len(test)} questions")
+            run = make_run(test, spec, str(rec["budget"]), int(rec["keep"]), int(rec["seed"]), texts, stopped,
+                           tokens, kept, float(rec["seconds"]))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{path}:{number}: not a run of this sweep ({e}); use another --out") from None
+        runs[run.method, run.budget, run.seed] = run
+    return runs
 
 
 def check(pipe: Pipeline, methods: Sequence[str], budgets: Sequence[str]) -> tuple[list[MethodSpec], dict[str, int]]:
@@ -213,8 +271,9 @@ def check(pipe: Pipeline, methods: Sequence[str], budgets: Sequence[str]) -> tup
 
 
 def sweep(pipe: Pipeline, test: TestSet, methods: Sequence[str], budgets: Sequence[str], *, seeds: int = SEEDS,
-          batch: int = 50, max_new_tokens: int = 3) -> list[Run]:
-    """The unpruned model, then every method spec at every budget (`random` once per seed)."""
+          batch: int = 50, max_new_tokens: int = 3, done: dict | None = None, record=None) -> list[Run]:
+    """The unpruned model, then every method spec at every budget (`random` once per seed). done: finished runs
+    by (method spec, budget, seed), reused instead of answered again; record(run): called on each new run."""
     n_tokens = pipe.num_image_tokens
     if n_tokens != test.mask.shape[1]:
         raise ValueError(f"the model reads {n_tokens} image tokens per image, the scenes have {test.mask.shape[1]} "
@@ -228,14 +287,21 @@ def sweep(pipe: Pipeline, test: TestSet, methods: Sequence[str], budgets: Sequen
     with tqdm(total=len(jobs) * len(test), unit="answer", desc="synthetic") as bar:
         runs = []
         for spec, b, keep, seed in jobs:
+            finished = (done or {}).get((spec.text, b, seed))
+            if finished is not None and finished.keep == keep:
+                runs.append(finished)
+                bar.update(len(test))
+                continue
             bar.set_postfix_str(f"{spec} {b}" + (f" seed {seed}" if spec.method == "random" else ""))
             runs.append(evaluate_run(pipe, test, spec, b, keep, seed=seed, batch=batch,
                                      max_new_tokens=max_new_tokens, bar=bar, clock=clock))
+            if record is not None:
+                record(runs[-1])
     return runs
 
 
 def summarize(runs: Sequence[Run], families: np.ndarray, *, resamples: int = RESAMPLES) -> list[dict]:
-    """One row per method spec x budget: accuracy (%) with its bootstrap interval, object recall (means over
+    """One row per method spec x budget: accuracy (%) with its bootstrap interval, well-formed answers (%), object recall (means over
     seeds, with their sample standard deviation), mean kept tokens, ms per question, accuracy per family with
     its interval, and for `svd` specs the McNemar p-value against the best other non-oracle method."""
     rows = []
@@ -247,9 +313,13 @@ def summarize(runs: Sequence[Run], families: np.ndarray, *, resamples: int = RES
         low, high = bootstrap_ci(correct, resamples=resamples)
         row = dict(method=first.method, budget=first.budget, keep=first.keep, adaptive=first.spec.adaptive,
                    mean_keep=float(np.mean([r.tokens.mean() for r in group])), seeds=len(group),
-                   accuracy=acc.mean(), accuracy_std=_std(acc), ci_low=low, ci_high=high, recall=None,
+                   accuracy=acc.mean(), accuracy_std=_std(acc), ci_low=low, ci_high=high,
+                   well_formed=None, well_formed_std=None, recall=None,
                    recall_std=None, ms_per_question=1e3 * float(np.mean([r.seconds for r in group])),
                    mcnemar_vs=None, mcnemar_p=None)
+        if first.well_formed is not None:
+            formed = np.array([100 * r.well_formed.mean() for r in group])
+            row.update(well_formed=formed.mean(), well_formed_std=_std(formed))
         if first.recall is not None:
             rec = np.array([np.nanmean(r.recall) for r in group])
             row.update(recall=rec.mean(), recall_std=_std(rec))
@@ -303,7 +373,7 @@ def _align(lines: list[list[str]], left: int) -> str:
 def format_table(rows: Sequence[dict], key: str = "accuracy", title: str = "accuracy % [95% CI]",
                  cell=None) -> str:
     """Method specs down, budgets across (kept tokens in brackets); random as mean±std over seeds."""
-    digits = 1 if key == "accuracy" else 2
+    digits = 1 if key in ("accuracy", "well_formed") else 2
     cell = cell or (lambda r: _cell(r, key, digits))
     budgets = list(dict.fromkeys((r["budget"], r["keep"]) for r in rows if r["method"] != FULL))
     cells = {(r["method"], r["budget"]): cell(r) for r in rows}
@@ -344,6 +414,7 @@ def write_outputs(rows: Sequence[dict], runs: Sequence[Run], test: TestSet, out:
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     per_seed = [dict(method=r.method, budget=r.budget, keep=r.keep, seed=r.seed, accuracy=100 * float(r.correct.mean()),
+                     well_formed=None if r.well_formed is None else 100 * float(r.well_formed.mean()),
                      recall=None if r.recall is None else float(np.nanmean(r.recall)),
                      mean_keep=float(r.tokens.mean()), ms_per_question=1e3 * r.seconds) for r in runs]
     (out / "synthetic.json").write_text(json.dumps(dict(meta, rows=list(rows), runs=per_seed), indent=1))
@@ -361,27 +432,55 @@ def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = ME
         budgets: Sequence[str] = BUDGETS, seeds: int = SEEDS, batch: int = 50, max_new_tokens: int = 3,
         resamples: int = RESAMPLES, split: str = "test", mesh: Mesh | None = None) -> list[dict]:
     """The whole evaluation: sweep, tables printed, outputs written (see `write_outputs`); returns the rows.
-    mesh: run sharded (batches split over its data axis, across processes when it spans several: each answers its
-    own rows, the answers are gathered, process 0 alone prints and writes)."""
+    Resumable: each finished (method spec, budget, seed) is appended to out/`RESULTS` the moment it exists, and a
+    rerun into the same `out` (same model, split, n, batch and decoding: out/settings.json) answers only what is
+    missing. The tables and files hold every run recorded there, earlier invocations' other methods and budgets
+    included. mesh: run sharded (batches split over its data axis, across processes when it spans several: each
+    answers its own rows, the answers are gathered, process 0 alone prints and writes)."""
     if n < 1 or resamples < 1:
         raise ValueError(f"n {n} and resamples {resamples} must be >= 1")
+    if seeds < 1 or batch < 1 or max_new_tokens < 1:
+        raise ValueError(f"seeds {seeds}, batch {batch} and max_new_tokens {max_new_tokens} must be >= 1")
     if mesh is not None:
         sharding.check_batch(min(batch, n), mesh)
+    out, write = Path(out), jax.process_index() == 0
+    settings = dict(model=str(Path(model_dir).resolve()), split=split, n=n, batch=batch, max_new_tokens=max_new_tokens)
+    if write:  # before any work: an unusable --out, or one holding answers of other settings, is refused
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(out, settings)
     pipe = Pipeline.load(model_dir, mesh=mesh)
     _, keeps = check(pipe, methods, budgets)  # before the test images are drawn
     vision = pipe.config.vision
     test = load_test_set(n, scene_config(vision), split)
-    runs = sweep(pipe, test, methods, budgets, seeds=seeds, batch=batch, max_new_tokens=max_new_tokens)
+    results = out / RESULTS
+    done = read_runs(results, test)
+    if write:
+        drop_incomplete_tail(results)
+
+    def record(r: Run) -> None:
+        if write:
+            with open(results, "a") as f:
+                f.write(json.dumps(run_record(r)) + "\n")
+
+    runs = sweep(pipe, test, methods, budgets, seeds=seeds, batch=batch, max_new_tokens=max_new_tokens,
+                 done=done, record=record)
+    asked = {(r.method, r.budget, r.seed) for r in runs}
+    runs += [r for key, r in done.items() if key not in asked]  # earlier invocations' other runs
     rows = summarize(runs, test.families, resamples=resamples)
-    meta = dict(model=str(model_dir), split=split, n=n, image_tokens=pipe.num_image_tokens, methods=list(methods),
+    keeps = {r.budget: r.keep for r in runs if r.method != FULL}
+    meta = dict(model=str(model_dir), split=split, n=n, image_tokens=pipe.num_image_tokens,
+                methods=list(dict.fromkeys(r.method for r in runs if r.method != FULL)),
                 budgets=keeps, random_seeds=seeds, bootstrap=dict(resamples=resamples, level=0.95, seed=0),
                 adaptive_buckets={b: list(svdprune_jax.budget_buckets(k)) for b, k in keeps.items()})
-    if jax.process_index() != 0:
+    if not write:
         return rows
     write_outputs(rows, runs, test, out, meta, vision.image_size, vision.patch_size)
-    print(format_table(rows), format_table(rows, "recall", "object recall"),
+    print(format_table(rows), format_table(rows, "well_formed", "well-formed answers % (one of the family's, then "
+                                                               "EOS)"),
+          format_table(rows, "recall", "object recall"),
           format_table(rows, title="mean kept tokens, ms per question", cell=cost_cell),
           "McNemar (exact, two-sided), svd specs vs the best other non-oracle method:\n" + mcnemar_lines(rows),
           family_table(rows, budgets[-1]),
-          f"wrote {out}/synthetic.csv, synthetic.json, synthetic.png, kept_tokens.png", sep="\n\n")
+          f"wrote {out}/synthetic.csv, synthetic.json, synthetic.png, kept_tokens.png ({RESULTS}: every answer)",
+          sep="\n\n")
     return rows

@@ -1,9 +1,13 @@
 """`svdprune-jax run` end to end on a tiny random model: the JSON contract, the picture, bad input."""
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
+
+import svdprune_jax
 
 from svdprune_jax.cli import main as cli
 from svdprune_jax.synthetic import bundled
@@ -44,6 +48,22 @@ def test_run_matches_pipeline_answer(model_dir, tmp_path, capsys):
                    "--keep", 7, "--method", "norm", "--out", tmp_path / "k.png")
     (ans,), _ = Pipeline.load(model_dir).answer([image], ["How many red circles?"], method="norm", keep=7)
     assert out["token_ids"] == ans.token_ids and out["kept_indices"] == ans.kept_indices
+
+
+def test_run_svd_keeps_the_top_leverage_tokens_of_the_tower_features(model_dir, tmp_path, capsys):
+    """--method svd keeps what `svdprune_jax.prune` keeps on that image's tower features (its default options):
+    the tokens of highest leverage (up to float32 ties between the two compiled paths)."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (80, 80, 3), np.uint8))
+    image.save(tmp_path / "x.png")
+    out = run_json(capsys, "--model", model_dir, "--image", tmp_path / "x.png", "--prompt", "Is there a red circle?",
+                   "--keep", 7, "--method", "svd", "--max-new-tokens", 1, "--out", tmp_path / "k.png")
+    pipe = Pipeline.load(model_dir)
+    features, _ = nnx.merge(pipe.graphdef, pipe.state).image_features(jnp.asarray(pipe.pixel_values([image])))
+    _, want = svdprune_jax.prune(features, 7, "svd")
+    scores = np.asarray(svdprune_jax.leverage_scores(features, **svdprune_jax.SVD_DEFAULTS))[0]
+    kept = out["kept_indices"]
+    assert len(kept) == 7 and scores[kept].min() >= np.delete(scores, kept).max() - 1e-5
+    assert len(set(kept) & set(np.asarray(want)[0].tolist())) >= 6, (kept, want)
 
 
 def test_run_adaptive_spec(model_dir, tmp_path, capsys):

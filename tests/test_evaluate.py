@@ -7,6 +7,8 @@ programs (each method x budget compiles once per test session)."""
 import csv
 import json
 import logging
+import shutil
+import types
 
 import numpy as np
 import pytest
@@ -66,7 +68,8 @@ def test_budget_tokens(spec, k):
     assert eval_synthetic.budget_tokens(spec, 100) == k
 
 
-@pytest.mark.parametrize("spec, message", [("0", "outside"), ("101", "outside"), ("150%", "outside"),
+@pytest.mark.parametrize("spec, message", [("0", "outside"), ("101", "outside"), ("150%", "at most 100%"),
+                                           ("inf%", "at most 100%"), ("0%", "above 0"), ("-50%", "above 0"),
                                            ("1/0", "expected a share"), ("half", "expected a share")])
 def test_budget_tokens_bad(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -81,9 +84,11 @@ def test_validation_split_for_choosing_hyperparameters():
 # ---- the sweep's bookkeeping, without a model
 
 class FakePipe:
-    """Answers right except on the count family; keeps the first k tokens (oracle: the top k scores). Adaptive
-    specs: the i-th test image keeps budget_buckets(keep)[i % 3]."""
+    """Answers right except on the count family ("wrong": not a count, so not well-formed either), each answer
+    one token and EOS; keeps the first k tokens (oracle: the top k scores). Adaptive specs: the i-th test image
+    keeps budget_buckets(keep)[i % 3]."""
     num_image_tokens = SCENE.num_patches
+    tokenizer = types.SimpleNamespace(eos_token_id=2)
 
     def __init__(self, test):
         self.gold = {id(im): (a, f) for im, a, f in zip(test.images, test.answers, test.families)}
@@ -104,7 +109,7 @@ class FakePipe:
         k = self.num_image_tokens if keep is None else keep
         order = np.arange(self.num_image_tokens) if scores is None else np.argsort(-scores, axis=1, kind="stable")
         kept = np.broadcast_to(order, (len(images), self.num_image_tokens))[:, :k]
-        return [Answer("wrong" if self.gold[id(im)][1] == "count" else self.gold[id(im)][0], [], [],
+        return [Answer("wrong" if self.gold[id(im)][1] == "count" else self.gold[id(im)][0], [9, 2], [],
                        None if method in ("full", "fastv") else sorted(kept[i].tolist()))
                 for i, im in enumerate(images)], {}
 
@@ -125,6 +130,7 @@ def test_sweep_bookkeeping():
     for r in rows:  # every answer of the 11 counted once: the filled-up rows are dropped
         assert r["accuracy"] == pytest.approx(100 * (1 - wrong)) and r["accuracy_std"] == 0
         assert r["accuracy_count"] == 0 and r["accuracy_colour"] == 100
+        assert r["well_formed"] == pytest.approx(100 * (1 - wrong))  # "wrong" is no count answer
     first = np.arange(100) < 50  # FakePipe keeps patches 0..49 for every method but the oracle
     asked = test.mask.any(1)
     assert rows[1]["recall"] == pytest.approx(np.mean((test.mask & first).sum(1)[asked] / test.mask.sum(1)[asked]))
@@ -340,3 +346,119 @@ def test_eval_vqa_bad_input(tmp_path):
         evaluate.main(base + ["--methods", "full"])
     with pytest.raises(ValueError, match="keep 197 outside"):
         evaluate.main(base + ["--methods", "svd", "--keep", "197"])
+
+
+# ---- well-formed answers, resuming the synthetic sweep
+
+def test_well_formed_answers_hand_checked():
+    """One of the family's answers and then EOS: a rambling, out-of-family or unfinished answer is not."""
+    texts = ["red", "red red", "circle", "2", "2", "yes"]
+    stopped = [True, True, True, True, False, True]
+    families = np.array(["colour", "colour", "colour", "count", "count", "presence"])
+    np.testing.assert_array_equal(eval_synthetic.well_formed(texts, stopped, families),
+                                  [True, False, False, True, False, True])
+
+
+def test_eval_synthetic_resumes_and_appends(model_dir, tmp_path, capsys):
+    """Each finished (method, budget, seed) is kept in runs.jsonl: a rerun answers only what is missing, a rerun
+    with other methods adds its rows beside the earlier ones, and other settings are refused."""
+    out = tmp_path / "syn"
+    base = ["synthetic", "--model", str(model_dir), "--n", "4", "--budgets", "16/576", "--resamples", "50",
+            "--out", str(out), *RUN]
+    first = evaluate.main(base + ["--methods", "norm"])
+    printed = capsys.readouterr().out
+    assert "well-formed answers %" in printed
+    lines = (out / eval_synthetic.RESULTS).read_text().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == ["full", "norm"]
+    # the well-formed rate in every table: CSV, JSON, and from the recorded answers
+    test = eval_synthetic.load_test_set(4, SCENE)
+    for line, row in zip(lines, read_csv(out / "synthetic.csv")):
+        rec = json.loads(line)
+        want = 100 * eval_synthetic.well_formed(rec["texts"], rec["stopped"], test.families).mean()
+        assert float(row["well_formed"]) == pytest.approx(want)
+    assert "well_formed" in json.loads((out / "synthetic.json").read_text())["rows"][0]
+
+    (out / eval_synthetic.RESULTS).write_text(lines[0] + "\n" + lines[1][:20])  # norm's line cut off mid-write
+    again = evaluate.main(base + ["--methods", "norm"])
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in first]
+    timeless = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                             for line in text.splitlines()]
+    assert timeless((out / eval_synthetic.RESULTS).read_text()) == timeless("\n".join(lines))  # norm given again
+
+    more = evaluate.main(base + ["--methods", "random", "--seeds", "2"])  # appended, not overwritten
+    assert [(r["method"], r["seeds"]) for r in more] == [("full", 1), ("random", 2), ("norm", 1)]
+    assert [r["method"] for r in read_csv(out / "synthetic.csv")] == ["full", "random", "norm"]
+    assert len((out / eval_synthetic.RESULTS).read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens"):
+        evaluate.main(base[:-1] + ["2", "--methods", "norm"])
+
+
+# ---- GQA: a corrupt image is skipped like a missing one; resuming checks every setting, the data too
+
+@pytest.fixture(scope="module")
+def gqa_run(tmp_path_factory):
+    """A finished GQA run over a fixture whose image n1.jpg is corrupt (and question 'lost' has none)."""
+    root = tmp_path_factory.mktemp("gqa_run")
+    data, out = write_gqa(root / "gqa", n=3), root / "out"
+    (data / "images" / "n1.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    argv = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd", "--keep", "50",
+            "--out", str(out), *RUN, *CHAT]
+    return data, out, argv, evaluate.main(argv)
+
+
+def test_eval_gqa_skips_a_corrupt_image_like_a_missing_one(gqa_run, caplog):
+    data, out, argv, rows = gqa_run
+    assert [(r.method, r.count, r.skipped) for r in rows] == [("full", 2, 2), ("svd", 2, 2)]
+    assert sorted(read_results(results_path(out, "svd", 50))) == ["q0", "q2"]
+    with pytest.raises(ValueError, match="2 bad gqa entries.*q1: unreadable image file .*n1.jpg"):
+        evaluate.main(argv + ["--strict"])
+
+
+@pytest.mark.parametrize("setting", ["data", "questions_sha256", "model", "max_new_tokens", "prompt_template",
+                                     "convert_rgb", "pad_square", "ocr", "instruction"])
+def test_eval_gqa_resume_refuses_every_changed_setting(gqa_run, setting, tmp_path, monkeypatch):
+    """Before the model loads. The data: the same questions at another path, or other questions (ids overlapping
+    the answered ones) at the same path, whose old answers were reused before."""
+    data, out, argv, _ = gqa_run
+    assert setting in json.loads((out / "settings.json").read_text())
+    monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("refused only after the model loaded"))
+    questions = data / "testdev_balanced_questions.json"
+    original = questions.read_text()
+    given = lambda option: argv.index(option) + 1
+    argv = list(argv)
+    if setting == "data":
+        argv[given("--data")] = str(shutil.copytree(data, tmp_path / "copy"))
+    elif setting == "questions_sha256":
+        changed = json.loads(original)
+        changed["q0"] = dict(changed["q0"], question="Is there a cat?", answer="no")
+        questions.write_text(json.dumps(changed))
+    elif setting == "model":
+        argv[given("--model")] = str(tmp_path)
+    elif setting == "max_new_tokens":
+        argv[given("--max-new-tokens")] = "2"
+    elif setting == "prompt_template":
+        argv[given("--prompt-template")] = "USER: <image>\n{question}\nShort answer. ASSISTANT:"
+    elif setting in ("pad_square", "ocr", "instruction"):  # the protocol's parts: the run used plain, no instruction
+        argv.append("--" + setting.replace("_", "-"))
+    else:
+        argv.append("--no-convert-rgb")
+    try:
+        with pytest.raises(ValueError, match=rf"other settings \({setting}:"):
+            evaluate.main(argv)
+    finally:
+        questions.write_text(original)
+
+
+def test_eval_gqa_settings_of_a_run_without_answers_are_replaced(tmp_path):
+    """A first run that fails before its first answer (here: a grayscale image refused) records nothing that
+    protects answers: the corrected rerun goes ahead instead of being refused for "other settings"."""
+    data, out = write_gqa(tmp_path / "gqa", n=1), tmp_path / "out"
+    (data / "images" / "n0.jpg").unlink()
+    _save(make_sample(split_seeds("test", 1)[0], BUNDLED).image, data / "images" / "n0.jpg", "L")
+    argv = ["gqa", "--data", str(data), "--model", str(MODEL_DIR), "--methods", "svd", "--keep", "50",
+            "--out", str(out), *RUN, *CHAT]
+    with pytest.raises(ValueError, match="n0.jpg is L, not RGB"):
+        evaluate.main(argv + ["--no-convert-rgb"])
+    rows = evaluate.main(argv)
+    assert [(r.method, r.count) for r in rows] == [("full", 1), ("svd", 1)]
+    assert json.loads((out / "settings.json").read_text())["convert_rgb"] is True

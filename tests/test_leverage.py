@@ -112,6 +112,19 @@ def test_scale_invariant_and_permutation_equivariant(solver):
     np.testing.assert_allclose(sp.leverage_scores(x[perm], 6, solver=solver), base[perm], atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", ["svd", "gram"])
+@pytest.mark.parametrize("scale", [1e18, 1e-25])
+def test_extreme_scales_match_float64(solver, scale):
+    """Squared singular values of features at 1e18 overflow float32 (and at 1e-25 underflow): every score was 0
+    and `prune` kept the first k tokens. Leverage does not depend on the scale; checked against float64."""
+    x = matrix("lowrank+noise", 48, 80)
+    want = ref_leverage(x.astype(np.float64) * scale, energy=0.9, center=True)
+    got = sp.leverage_scores(x * np.float32(scale), energy=0.9, center=True, solver=solver)
+    assert rel_err(got, want) < 1e-4
+    _, kept = sp.prune(x * np.float32(scale), 8, "svd", energy=0.9, center=True)
+    np.testing.assert_array_equal(kept, np.sort(np.argsort(-want, kind="stable")[:8]))
+
+
 def test_bfloat16_input_computes_in_float32():
     x = jnp.asarray(matrix("gaussian", 48, 80), jnp.bfloat16)
     got = sp.leverage_scores(x, 4)
