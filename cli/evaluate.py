@@ -17,6 +17,7 @@ data axis spans them, so every batch is split across processes, each answering i
 gathered and only process 0 writes (--out must be one directory all processes see).
 """
 import argparse
+import csv
 import dataclasses
 import sys
 import zlib
@@ -153,7 +154,22 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
     accuracy_plot([dict(method=r.method, keep=r.budget or pipe.num_image_tokens, accuracy=r.accuracy_pct)
                    for r in rows], out / "summary.png", f"{name}, n={len(dataset.samples)}")
     print(f"wrote {out}/summary.csv, summary.png")
+    if name == "pope":
+        write_pope_table(eval_harness.split_metrics(dataset, [eval_harness.BASELINE, *runs], out), out / "pope.csv")
     return rows
+
+
+def write_pope_table(rows: list[dict], path: Path) -> None:
+    """POPE's per-split table: printed, and as CSV."""
+    keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    print(f"{'method':<16}{'budget':>8}{'split':>13}" + "".join(f"{k:>11}" for k in keys))
+    for r in rows:
+        print(f"{r['method']:<16}{r['budget']:>8}{r['split']:>13}" + "".join(f"{r[k]:>11.2f}" for k in keys))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
 
 
 def synthetic_main(argv: Sequence[str]) -> list[dict]:

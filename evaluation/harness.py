@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from svdprune_jax import names
 from svdprune_jax.evaluation.vqa_data import Dataset, Sample
-from svdprune_jax.evaluation.vqa_metrics import SCORES
+from svdprune_jax.evaluation.vqa_metrics import SCORES, pope_metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,19 @@ def summarize(dataset: Dataset, runs: Sequence[tuple[str, int | None]], out_dir:
         accuracy = 100 * sum(score(r["prediction"], s.answers) for s, r in answered) / n if n else math.nan
         seconds = sum(r["seconds"] for _, r in answered) / n if n else math.nan
         rows.append(Row(method, budget, accuracy, seconds, n, len(dataset.skipped)))
+    return rows
+
+
+def split_metrics(dataset: Dataset, runs: Sequence[tuple[str, int | None]], out_dir: Path) -> list[dict]:
+    """POPE: accuracy, precision, recall, F1 and yes-ratio (%) per (method, budget) and split, over the answered
+    questions (`vqa_metrics.pope_metrics`), as LLaVA's eval_pope.py reports them."""
+    rows = []
+    for method, budget in runs:
+        results = read_results(results_path(out_dir, method, budget))
+        for split in sorted({s.category for s in dataset.samples}):
+            answered = [(s, results[s.qid]) for s in dataset.samples if s.category == split and s.qid in results]
+            metrics = pope_metrics([r["prediction"] for _, r in answered], [s.answers[0] for s, _ in answered])
+            rows.append(dict(method=method, budget=_budget_label(budget), split=split, count=len(answered), **metrics))
     return rows
 
 

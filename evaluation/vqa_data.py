@@ -11,6 +11,8 @@ Layouts under a data directory (`detect` tells them apart by their question file
                       "ocr_tokens"}]} when present
             llava:    llava_textvqa_val_v051_ocr.jsonl (the text holds the OCR line), TextVQA_0.5.1_val.json for the
                       answers, train_images/{image}
+  pope      llava:    llava_pope_test.jsonl  {"question_id", "image", "text", "category"} per line, val2014/{image},
+                      coco/coco_pope_{adversarial,popular,random}.json (the yes/no labels, one line per question)
 A sample keeps the question and its OCR tokens apart; `evaluation.protocol` builds the text the model reads.
 Bad entries (missing or undecodable image, missing field, no answers, a text not in LLaVA's form) are logged with
 their id and skipped, or raise under strict.
@@ -36,7 +38,10 @@ LAYOUTS = {  # benchmark -> layout -> (question file, image folder)
     "gqa": {"official": (GQA_QUESTIONS, "images"), "llava": ("llava_gqa_testdev_balanced.jsonl", "images")},
     "textvqa": {"official": (TEXTVQA_ANNOTATIONS, "train_images"),
                 "llava": ("llava_textvqa_val_v051_ocr.jsonl", "train_images")},
+    "pope": {"llava": ("llava_pope_test.jsonl", "val2014")},
 }
+POPE_SPLITS = ("adversarial", "popular", "random")
+POPE_LABELS = "coco"  # coco/coco_pope_{split}.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Sample:
     question: str
     answers: tuple[str, ...]  # GQA: the one gold answer; TextVQA: the 10 human answers
     ocr: tuple[str, ...] | None = None  # TextVQA: the image's OCR tokens when the data has them
+    category: str | None = None  # POPE: the split (adversarial, popular, random)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +190,32 @@ def _llava_sample(answers: dict[str, tuple[str, ...]]):
             raise _BadEntry(f"text {e}") from None
         if qid not in answers:
             raise _BadEntry("no answers for this question id")
-        return Sample(qid, _image(images, _text(entry, "image")), question, answers[qid], tokens)
+        category = entry.get("category") if isinstance(entry.get("category"), str) else None
+        return Sample(qid, _image(images, _text(entry, "image")), question, answers[qid], tokens, category)
     return make
+
+
+def _pope_answers(labels: Path, questions: Path) -> dict[str, tuple[str, ...]]:
+    """POPE labels by question id. LLaVA's eval_pope.py pairs each split's label lines, in order, with that
+    split's questions in the question file's order; so do we, and refuse files whose counts differ."""
+    order = {split: [] for split in POPE_SPLITS}
+    for qid, entry in _llava_entries(questions):
+        if isinstance(entry, dict) and entry.get("category") in order:
+            order[entry["category"]].append(qid)
+    table = {}
+    for split, qids in order.items():
+        if not qids:
+            continue
+        path = labels / f"coco_pope_{split}.json"
+        try:
+            values = [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read POPE labels {path}: {e}") from None
+        if len(values) != len(qids) or not set(values) <= {"yes", "no"}:
+            raise ValueError(f"{path}: {len(values)} yes/no labels expected for the {len(qids)} {split} questions of "
+                             f"{questions.name}")
+        table.update(zip(qids, ((v,) for v in values)))
+    return table
 
 
 def _answers(name: str, path: Path) -> dict[str, tuple[str, ...]]:
@@ -210,14 +240,16 @@ def _rosetta_ocr(path: Path) -> dict[str, list[str]]:
 
 def read(name: str, questions: Path, images: Path, *, layout: str = "official", answers: Path | None = None,
          ocr: Path | None = None, strict: bool = False) -> Dataset:
-    """Reads a benchmark's question file in `layout` ("official", or "llava" with the official `answers` file);
+    """Reads a benchmark's question file in `layout` ("official", or "llava" with the official `answers` file,
+    for POPE the folder of its label files);
     `ocr`: TextVQA's Rosetta OCR file, if any. Bad entries are logged and skipped, or raise ValueError if strict."""
     if name not in LAYOUTS or layout not in LAYOUTS[name]:
         raise ValueError(f"unknown benchmark or layout {name!r}/{layout!r}; expected one of {sorted(LAYOUTS)}")
     if layout == "llava":
         if answers is None:
             raise ValueError(f"{name}: LLaVA's question file needs the official answers file beside it")
-        entries, make = _llava_entries(Path(questions)), _llava_sample(_answers(name, Path(answers)))
+        table = _pope_answers(Path(answers), Path(questions)) if name == "pope" else _answers(name, Path(answers))
+        entries, make = _llava_entries(Path(questions)), _llava_sample(table)
     else:
         entries, make = _entries(name, Path(questions)), _gqa_sample if name == "gqa" else _textvqa_sample
     tokens = _rosetta_ocr(Path(ocr)) if ocr is not None else {}
@@ -245,7 +277,7 @@ def detect(name: str, data_dir: Path) -> str:
     it for the answers), else "official"."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(LAYOUTS)}")
-    for layout in ("llava", "official"):
+    for layout in sorted(LAYOUTS[name], key=lambda layout: layout != "llava"):
         questions = LAYOUTS[name][layout][0]
         if (Path(data_dir) / questions).is_file():
             return layout
@@ -260,8 +292,8 @@ def load(name: str, data_dir: Path, *, strict: bool = False) -> Dataset:
     questions, images = (data_dir / p for p in LAYOUTS[name][layout])
     if not images.is_dir():
         raise ValueError(f"{name}: image folder {images} not found")
-    answers = data_dir / (GQA_QUESTIONS if name == "gqa" else TEXTVQA_ANNOTATIONS)
-    if layout == "llava" and not answers.is_file():
+    answers = data_dir / {"gqa": GQA_QUESTIONS, "textvqa": TEXTVQA_ANNOTATIONS, "pope": POPE_LABELS}[name]
+    if layout == "llava" and not answers.exists():
         raise ValueError(f"{name}: {questions.name} needs the official {answers.name} beside it for the answers")
     ocr = data_dir / ROSETTA_OCR if name == "textvqa" and layout == "official" else None
     return read(name, questions, images, layout=layout, answers=answers if layout == "llava" else None,

@@ -1,8 +1,9 @@
-"""GQA and TextVQA answer scoring, as the benchmarks' official evaluation code scores them.
+"""GQA, TextVQA and POPE answer scoring, as the benchmarks' official evaluation code scores them.
 
 GQA: LLaVA's `convert_gqa_for_eval.py` + GQA's `eval.py` -> exact match of `pred.strip().rstrip('.').lower()`
 with the gold answer, which is used as is (GQA gold answers are lower case).
 TextVQA: the EvalAI answer processor (mmf/m4c, as used by LLaVA's `m4c_evaluator.py`) and the VQA soft accuracy.
+POPE: LLaVA's `eval_pope.py` yes/no reading; accuracy and F1 of "yes" per split (random, popular, adversarial).
 Quirks of the official code are reproduced on purpose (each is commented), so our numbers match published ones.
 """
 from __future__ import annotations
@@ -76,4 +77,33 @@ def gqa_score(prediction: str, answers: Sequence[str]) -> float:
     return float(normalize_gqa(prediction) == answers[0])
 
 
-SCORES = {"gqa": gqa_score, "textvqa": textvqa_score}
+def normalize_pope(prediction: str) -> str:
+    """LLaVA's eval_pope.py: the first sentence, commas dropped, "no" if the words hold "No", "no" or "not", else
+    "yes" (so "Yes, no doubt." counts as no, as there)."""
+    words = prediction.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def pope_score(prediction: str, answers: Sequence[str]) -> float:
+    """POPE accuracy: 1.0 when the normalised prediction is the yes/no label."""
+    if len(answers) != 1 or answers[0] not in ("yes", "no"):
+        raise ValueError(f"POPE scoring needs one yes/no label, got {list(answers)}")
+    return float(normalize_pope(prediction) == answers[0])
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of "yes", and the share of yes answers (%), over one POPE split."""
+    pred = [normalize_pope(p) == "yes" for p in predictions]
+    gold = [label == "yes" for label in labels]
+    tp = sum(p and g for p, g in zip(pred, gold))
+    fp = sum(p and not g for p, g in zip(pred, gold))
+    fn = sum(g and not p for p, g in zip(pred, gold))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    n = max(len(pred), 1)
+    return {k: 100 * v for k, v in dict(accuracy=sum(p == g for p, g in zip(pred, gold)) / n, precision=precision,
+                                        recall=recall, f1=f1, yes_ratio=sum(pred) / n).items()}
+
+
+SCORES = {"gqa": gqa_score, "textvqa": textvqa_score, "pope": pope_score}

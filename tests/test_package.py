@@ -62,7 +62,7 @@ def test_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_path)
 
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["convert"], ["export"], ["eval"], ["eval", "synthetic"],
-                                  ["eval", "gqa"], ["eval", "textvqa"], ["bench"], ["train"]])
+                                  ["eval", "gqa"], ["eval", "textvqa"], ["eval", "pope"], ["bench"], ["train"]])
 def test_every_help_works(argv, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main([*argv, "--help"])

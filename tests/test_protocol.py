@@ -178,3 +178,65 @@ def test_llava_layout_needs_the_answers_file(tmp_path):
         vqa_data.load("gqa", root)
     with pytest.raises(ValueError, match="holds no question file"):
         vqa_data.load("textvqa", root)
+
+
+# ---- POPE (LLaVA's eval bundle: llava_pope_test.jsonl, coco/coco_pope_{split}.json, val2014/)
+POPE = [(1, "adversarial", "Is there a dog in the image?", "yes"), (2, "adversarial", "Is there a cat in the image?", "no"),
+        (3, "popular", "Is there a car in the image?", "no"), (4, "random", "Is there a cup in the image?", "yes"),
+        (5, "random", "Is there a bus in the image?", "no")]
+
+
+def write_pope(root):
+    for qid, *_ in POPE:
+        _image(root / "val2014" / f"COCO_{qid}.jpg", (90, 60), qid)
+    lines = [dict(question_id=qid, image=f"COCO_{qid}.jpg", text=q + SUFFIX, category=c) for qid, c, q, _ in POPE]
+    (root / "llava_pope_test.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    (root / "coco").mkdir()
+    for split in ("adversarial", "popular", "random"):  # label ids restart per split, as in POPE's files
+        labels = [dict(question_id=i, label=a) for i, (_, c, _, a) in enumerate((p for p in POPE if p[1] == split), 1)]
+        (root / "coco" / f"coco_pope_{split}.json").write_text("".join(json.dumps(l) + "\n" for l in labels))
+    return root
+
+
+def test_pope_reader_pairs_each_splits_labels_in_order(tmp_path):
+    ds = vqa_data.load("pope", write_pope(tmp_path))
+    assert [(s.qid, s.category, s.question, s.answers) for s in ds.samples] == \
+        [(str(qid), c, q, (a,)) for qid, c, q, a in POPE]
+    labels = tmp_path / "coco" / "coco_pope_random.json"
+    labels.write_text(labels.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="1 yes/no labels expected for the 2 random questions"):
+        vqa_data.load("pope", tmp_path)
+
+
+def test_pope_reading_and_metrics_hand_checked():
+    from svdprune_jax.evaluation.vqa_metrics import normalize_pope, pope_metrics, pope_score
+    cases = {"Yes": "yes", "No": "no", "no.": "no", "Yes, there is a dog.": "yes", "There is no dog": "no",
+             "It is not": "no", "Yes, no doubt.": "no", "Yes. No.": "yes", "nope": "yes", "NO": "yes"}
+    assert {p: normalize_pope(p) for p in cases} == cases  # eval_pope.py's reading, quirks included
+    assert pope_score("No, it is not.", ["no"]) == 1.0 and pope_score("Yes", ["no"]) == 0.0
+    # 6 answers: TP 2 (yes/yes), FP 1, FN 1, TN 2 -> precision 2/3, recall 2/3, F1 2/3, accuracy 4/6, yes 3/6
+    m = pope_metrics(["Yes", "yes", "Yes", "No", "no", "No"], ["yes", "yes", "no", "yes", "no", "no"])
+    assert m == pytest.approx(dict(accuracy=400 / 6, precision=200 / 3, recall=200 / 3, f1=200 / 3, yes_ratio=50.0))
+
+
+def test_eval_pope_writes_the_per_split_table(tmp_path, pipe, capsys):
+    import csv
+
+    from svdprune_jax.cli import evaluate
+    from svdprune_jax.evaluation.harness import read_results, results_path
+    data, out = write_pope(tmp_path / "pope"), tmp_path / "out"
+    model = tmp_path / "model"
+    tiny_model_dir(model)
+    evaluate.main(["pope", "--data", str(data), "--model", str(model), "--methods", "svd", "--keep", "5",
+                   "--out", str(out), "--batch", "2", "--max-new-tokens", "2"])
+    rows = list(csv.DictReader(open(out / "pope.csv")))
+    assert [(r["method"], r["budget"], r["split"], r["count"]) for r in rows] == [
+        (m, b, s, str(n)) for m, b in (("full", "all"), ("svd", "5"))
+        for s, n in (("adversarial", 2), ("popular", 1), ("random", 2))]
+    for r in rows:  # the table from the saved predictions, recomputed here
+        preds = read_results(results_path(out, r["method"], None if r["budget"] == "all" else int(r["budget"])))
+        mine = [(("no" if {"No", "no", "not"} & set(preds[str(q)]["prediction"].split(".")[0].replace(",", "").split(" "))
+                  else "yes"), a) for q, c, _, a in POPE if c == r["split"]]
+        assert float(r["accuracy"]) == pytest.approx(100 * np.mean([p == a for p, a in mine]))
+        assert float(r["yes_ratio"]) == pytest.approx(100 * np.mean([p == "yes" for p, _ in mine]))
+    assert "f1" in capsys.readouterr().out
