@@ -62,3 +62,11 @@ def apply_subset(features: np.ndarray, ids: np.ndarray, mask: np.ndarray, labels
     out_feats = np.concatenate([features[kept], features[:n - len(kept)]])
     shift = lambda a, fill: np.concatenate([np.full(pad, fill, a.dtype), a[keep]])
     return out_feats, shift(ids, pad_id), shift(mask, 0), shift(labels, -1)
+
+
+def apply_subsets(rows: list[np.ndarray], kept: dict[int, np.ndarray], image_token_id: int, pad_id: int) -> None:
+    """`apply_subset` on row i of the batch arrays `rows` (features, ids, mask, labels) for each i in `kept`,
+    in place."""
+    for i, indices in kept.items():
+        for a, v in zip(rows, apply_subset(*(a[i] for a in rows), indices, image_token_id, pad_id)):
+            a[i] = v

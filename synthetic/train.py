@@ -49,7 +49,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from svdprune_jax.synthetic.bundled import MODEL_DIR, PRESETS, SCENES
 from svdprune_jax.synthetic.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
 from svdprune_jax.synthetic.benchmark import oracle_scores
-from svdprune_jax.synthetic.token_subsets import apply_subset, draw_subset, uniform_subset
+from svdprune_jax.synthetic.token_subsets import apply_subsets, draw_subset, uniform_subset
 from svdprune_jax.synthetic.samples import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
                            training_questions)
 from svdprune_jax.synthetic.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
@@ -494,9 +494,7 @@ class Run:
                 for name, kept in (("random", [uniform_subset(rng, grid, k) for _ in range(n)]),
                                    ("oracle", [np.sort(o[:k]) for o in oracle])):
                     rows = [np.array(a) for a in (self.val_features, self.val["ids"], self.val["mask"], self.val["labels"])]
-                    for i in range(n):
-                        for a, v in zip(rows, apply_subset(*(a[i] for a in rows), kept[i], *self._special_ids)):
-                            a[i] = v
+                    apply_subsets(rows, dict(enumerate(kept)), *self._special_ids)
                     data = dict(zip(("features", "ids", "mask", "labels"), rows), question=self.val["question"])
                     metrics[f"{name}{k}"] = float(self._val_hits(data, "features").mean())
         return metrics
@@ -528,10 +526,9 @@ class Run:
         rows = [np.array(self.features[idx]), *(a[idx] for a in self.vqa_inputs(spec))]
         if spec.subsets:  # a pure function of (seed, stage, step): resumes draw the same subsets
             rng = np.random.default_rng([self.recipe.seed, stage, step, 1])
-            for i in np.flatnonzero(rng.random(len(idx)) < spec.subsets):
-                kept = draw_subset(rng, self.scene.grid, spec.min_tokens)
-                for a, v in zip(rows, apply_subset(*(a[i] for a in rows), kept, *self._special_ids)):
-                    a[i] = v
+            chosen = np.flatnonzero(rng.random(len(idx)) < spec.subsets)
+            apply_subsets(rows, {i: draw_subset(rng, self.scene.grid, spec.min_tokens) for i in chosen},
+                          *self._special_ids)
         return dict(zip(("features", "ids", "mask", "labels"), map(jnp.asarray, rows)))
 
     @property
