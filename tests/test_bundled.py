@@ -38,14 +38,14 @@ def unpruned_hits(pipe, test_set):
 
 
 def test_unpruned_accuracy_at_least_90_percent(unpruned_hits):
-    """Issue 5's target. The shipped model measured 0.910 on this subset, 0.928 on the whole test split."""
+    """Issue 5's target (issue 21 asks 0.92 on the whole test split; see docs/training.md for the measured figures)."""
     hits, by_family = unpruned_hits
     assert hits.mean() >= 0.9, (hits.mean(), by_family)
 
 
 def test_every_family_learnt(unpruned_hits):
-    """A regression guard per family: on this subset the shipped model's weakest families measured shape 0.80 and
-    count 0.78 (60 questions each); the first shipped model held 0.79 overall with its quadrant families at chance."""
+    """A regression guard per family (60 questions each): the first shipped model held 0.79 overall with its quadrant
+    families at chance, which an overall threshold alone would not catch."""
     _, by_family = unpruned_hits
     assert min(by_family.values()) >= 0.75, by_family
 
@@ -71,8 +71,6 @@ def test_transformers_answers_equal_ours(pipe, test_set):
 BRACKET_SEEDS = 3
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: the shipped decoder was trained on the full grid only and misreads "
-                   "short kept-token sequences (oracle below DivPrune); the subset-trained model replaces it")
 def test_oracle_clearly_above_random_at_11_tokens(pipe, test_set):
     """The yardstick's bracket, on the fixed subset: keeping the asked object's patches (the oracle) must beat
     keeping random ones by at least 10 points at 11 of 196 tokens (the paper's 32/576), so the benchmark ranks
