@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     runtime.set_defaults()
     runtime.catch_signals()
-    runtime.drop_closed_loop_reports()
+    runtime.handle_unraisable_reports()
     at = command_index(argv)
     delegated = at is not None and argv[at] in DELEGATED
     args = parser().parse_args(argv[:at + 1] if delegated else argv)

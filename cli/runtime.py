@@ -22,19 +22,23 @@ _SIGNALS = []  # the interrupting signals received
 CLOSED_LOOP = "Event loop is closed"
 
 
-def drop_closed_loop_reports() -> None:
-    """After a failed Orbax restore (a params file deleted or truncated) tensorstore still completes the reads in
-    flight, and their callbacks find Orbax's asyncio loop closed: each reports 'RuntimeError: Event loop is
-    closed' as an unraisable exception, a traceback printed after the real error's one line. Those reports are
-    dropped; every other goes to the previous hook."""
+def handle_unraisable_reports() -> None:
+    """Exceptions Python cannot raise (in callbacks) are reported as tracebacks and dropped. Two kinds are ours
+    to handle. After a failed Orbax restore (a params file deleted or truncated) tensorstore still completes the
+    reads in flight, and their callbacks find Orbax's asyncio loop closed: each reports 'RuntimeError: Event
+    loop is closed' after the real error's one line; those reports are dropped. A Ctrl-C that lands in a
+    callback (e.g. a garbage-collection hook) would be lost: it is delivered again. Every other report goes to
+    the previous hook."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop", False):
+    if getattr(previous, "is_ours", False):
         return
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == CLOSED_LOOP):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.raise_signal(_SIGNALS[-1] if _SIGNALS else signal.SIGINT)
+        elif not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == CLOSED_LOOP):
             previous(unraisable)
-    hook.drops_closed_loop = True
+    hook.is_ours = True
     sys.unraisablehook = hook
 
 

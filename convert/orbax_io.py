@@ -1,4 +1,5 @@
 """Orbax save/restore of a parameter tree, restored against an abstract target (shapes, dtypes, shardings)."""
+import threading
 from pathlib import Path
 
 import jax
@@ -17,8 +18,36 @@ def save_params(directory: str | Path, params: dict):
     registry = type_handlers.create_type_handler_registry(  # jax.Array listed only so Orbax does not warn
         (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
-    ocp.Checkpointer(handler).save(Path(directory).absolute(), args=ocp.args.PyTreeSave(
-        jax.tree.map(np.asarray, params)))
+    _finish_before_interrupt(lambda: ocp.Checkpointer(handler).save(
+        Path(directory).absolute(), args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, params))))
+
+
+def _finish_before_interrupt(write):
+    """Run `write` to its end, then let a Ctrl-C that came meanwhile through. Orbax writes from background
+    threads that an interrupt of the waiting main thread does not stop: they kept writing into the directory
+    the caller was removing (recreating it) and died at interpreter exit with tracebacks. (Waiting on an Event,
+    not Thread.join: an interrupted join can report a live thread as finished.)"""
+    outcome, done = {}, threading.Event()
+
+    def target():
+        try:
+            outcome["value"] = write()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+        finally:
+            done.set()
+    threading.Thread(target=target, name="orbax-save").start()
+    interrupted = None
+    while not done.is_set():
+        try:
+            done.wait()
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def params_metadata(directory: str | Path) -> dict:

@@ -196,3 +196,30 @@ def test_eval_synthetic_budget_shares_outside_0_100(model_dir, tmp_path, budget)
 def test_eval_synthetic_refuses_an_unwritable_out_before_the_work(tmp_path, no_work, where):
     (tmp_path / "file.txt").write_text("")
     fails("eval", "synthetic", "--n", "2", "--out", tmp_path / where, match="--out")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1, 0.3])
+def test_sigint_during_convert_one_line_and_nothing_left(tmp_path, delay):
+    """Ctrl-C while `convert` writes (Orbax's writer threads went on into the directory being removed, and
+    died with 'cannot schedule new futures' tracebacks): no traceback, and either nothing left with one line
+    saying it was interrupted, or, when the signal came after the rename, the whole checkpoint. The signal is
+    sent once the temporary output exists, after `delay` seconds."""
+    import signal
+    import time
+
+    out = tmp_path / "ours"
+    proc = subprocess.Popen([sys.executable, "-m", "svdprune_jax.cli.main", "convert", str(MODEL_DIR), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".ours.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if left == ["ours"]:  # the signal came after the rename: the checkpoint is whole
+        assert Pipeline.load(out).num_image_tokens == 196
+    else:
+        assert left == [], left
+        assert proc.returncode != 0 and err.strip().splitlines()[-1] == "svdprune-jax convert: interrupted", err
