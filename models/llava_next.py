@@ -14,6 +14,10 @@ The k kept tokens reach the language model in packed order (base view first, the
 `image_newline`: a row of kept tokens is no longer a row of the image, and dropping them makes every pruned
 image exactly k tokens whatever its grid, so the language model's sequence (and its program) is the same for
 every aspect ratio. Unpruned, each image fills its own number of prompt slots, as in transformers.
+
+`models.llava.forward` and `models.generate.generate` run it unchanged, with `layout(...)` (an
+`anyres.AnyresImages`) in place of pixel_values: one program per (view count, prompt bucket, pruning), the grid
+and aspect ratio being data. FastV is not supported here (it assumes one image-token count per batch).
 """
 import dataclasses
 
@@ -25,8 +29,7 @@ from jaxtyping import Array, Float
 
 import svdprune_jax
 from svdprune_jax.models import anyres, sharding
-from svdprune_jax.models.llava import (GIVEN, LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning, _forward,
-                                       check_prompts)
+from svdprune_jax.models.llava import GIVEN, LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning
 from svdprune_jax.models.sharding import axes
 
 # transformers' LlavaNextConfig default (llava-hf/llava-v1.6-* ship it): (height, width) pinpoints.
@@ -161,34 +164,18 @@ class LlavaNext(Llava):
         return jnp.take_along_axis(kept, order[..., None], axis=1), jnp.take_along_axis(numbers, order, axis=1)
 
     def prompt_budget(self, images: anyres.AnyresImages, pruning: Pruning | None) -> int | np.ndarray:
-        """k pruned; unpruned each image's own slot count (image tokens + newlines)."""
-        return np.asarray(images.lengths) if pruning is None else pruning.k
+        """k pruned (checked against the batch's images on the host); unpruned each image's own slot count
+        (image tokens + newlines)."""
+        if pruning is None:
+            return np.asarray(images.lengths)
+        fewest = int(images.counts.min())
+        if not 1 <= pruning.k <= fewest:
+            raise ValueError(f"k={pruning.k} outside [1, {fewest}] (the fewest image tokens in this batch)")
+        if pruning.per_view and pruning.method == "visionzip":
+            raise ValueError("visionzip merges its contextual tokens over the whole image: it has no per-view mode")
+        return pruning.k
 
     def run_prompt(self, input_ids, attention_mask, image_embeds, *, cache=None, fastv=None):
         if fastv is not None:  # its image positions assume one image-token count for every row
             raise ValueError("FastV is not supported on LLaVA-NeXT (image token counts differ per image)")
         return super().run_prompt(input_ids, attention_mask, image_embeds, cache=cache)
-
-
-def check_images(cfg: LlavaNextConfig, images: anyres.AnyresImages, pruning: Pruning | None) -> None:
-    """Concrete checks before the device: the budget fits every image's tokens, the scores' method known."""
-    if pruning is None:
-        return
-    fewest = int(images.counts.min())
-    if not 1 <= pruning.k <= fewest:
-        raise ValueError(f"k={pruning.k} outside [1, {fewest}] (the fewest image tokens in this batch)")
-    if pruning.per_view and pruning.method == "visionzip":
-        raise ValueError("visionzip merges its contextual tokens over the whole image: it has no per-view mode")
-
-
-def forward(graphdef: nnx.GraphDef, state: nnx.State, images: anyres.AnyresImages, input_ids, attention_mask=None, *,
-            pruning: Pruning | None = None, key: jax.Array | None = None, mesh=None):
-    """Checked, jitted `LlavaNext.__call__` on a split model: (logits (B, T', V), kept indices, None).
-    One program per (view count, prompt length, pruning): the grid and aspect ratio are data."""
-    model = nnx.merge(graphdef, state)
-    check_images(model.config, images, pruning)
-    check_prompts(model.config, input_ids, attention_mask, model.prompt_budget(images, pruning))
-    if mesh is not None:
-        images, input_ids, attention_mask = sharding.put_batch(mesh, images, input_ids, attention_mask)
-    with sharding.use(mesh):
-        return _forward(graphdef, state, images, input_ids, attention_mask, key, pruning=pruning, fastv=None)
