@@ -88,10 +88,12 @@ def visionzip_split(k: int) -> tuple[int, int]:
     return k - contextual, contextual
 
 
-def _rest(chosen: Int[Array, "k"], valid: Bool[Array, "n"]) -> Int[Array, "n-k"]:
-    """The n - k indices not in `chosen` (distinct), valid ones first, each part in original order: a static
-    shape."""
-    return jnp.argsort((~valid).at[chosen].set(True), stable=True)[: valid.shape[0] - chosen.shape[0]]
+def _rest(chosen: Int[Array, "k"], valid: Bool[Array, "n"]) -> tuple[Int[Array, "n-k"], Bool[Array, "n-k"]]:
+    """n - k indices: the valid ones not in `chosen` first, in original order, then filler (a static shape);
+    and which of them are such tokens."""
+    free = valid.at[chosen].set(False)
+    rest = jnp.argsort(~free, stable=True)[: valid.shape[0] - chosen.shape[0]]
+    return rest, free[rest]
 
 
 def _group_sums(x, metric, targets, others, weight):
@@ -109,7 +111,7 @@ def _visionzip(x, attention, metric, valid, *, dominant: int, contextual: int):
         return x[dom], dom
     # The valid rest in original order; `contextual` targets spread uniformly over them. Their count is data
     # (the mask), so the stride is traced and every rest position carries a 0/1 weight: static shapes.
-    rest = _rest(dom, valid)
+    rest, _ = _rest(dom, valid)
     left = valid.sum() - dominant
     step = jnp.maximum(1, left // contextual)
     pos = jnp.arange(n - dominant)
@@ -125,8 +127,8 @@ def _merge_dropped(x, kept, valid):
     n, k = x.shape[0], kept.shape[0]
     if k == n:
         return x[kept]
-    rest = _rest(kept, valid)
-    sums, counts = _group_sums(x, x, kept, rest, valid[rest].astype(jnp.float32))
+    rest, free = _rest(kept, valid)
+    sums, counts = _group_sums(x, x, kept, rest, free.astype(jnp.float32))
     return ((x[kept].astype(jnp.float32) + sums) / (1.0 + counts)[:, None]).astype(x.dtype)
 
 

@@ -7,17 +7,23 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
+from flax import nnx
 from PIL import Image
 from transformers import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
+import svdprune_jax.convert as convert
 from hf_reference import from_hf, hf_positions, tiny
+from svdprune_jax.convert import keymap
+from svdprune_jax.convert.safetensors_io import INDEX, read_checkpoint
 from svdprune_jax.benchmarks.timing import Compiles
 from svdprune_jax.models import anyres
 from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
 from svdprune_jax.models.llava import Pruning, forward
 from svdprune_jax.models.llava_next import LLAVA_NEXT_VICUNA_7B, LlavaNextConfig, config_from_hf, layout
+from test_convert import no_leftovers, save, v5_state, write_hf
 from test_leverage import ref_leverage
 from tiny_hf import TINY_PINPOINTS
 
@@ -294,3 +300,53 @@ def test_bad_input(base):
     with pytest.raises(ValueError, match="model_type 'qwen2_vl' is not one of llava, llava_next"):
         config_from_hf(dict(d, model_type="qwen2_vl"))
     assert isinstance(config_from_hf(d), LlavaNextConfig)
+
+
+# --- conversion: llava-hf NeXT directories (both key layouts, sharded) -> ours -> back -----------------------------
+
+@pytest.mark.parametrize("key_layout", ["legacy_sharded", "v5_sharded"])
+def test_conversion_round_trip_is_bit_identical(key_layout, tmp_path):
+    """HF -> ours -> HF gives back every tensor bit for bit (image_newline included, in the hub's layout);
+    transformers loads the export to the same logits, and ours (either directory) to transformers' within 1e-4."""
+    hf = tiny(seed=1, next=True)
+    src = save(hf, tmp_path / "hf", key_layout)
+    processor().save_pretrained(src)  # NeXT's processor in place of the CLIP one save() writes
+    assert (src / INDEX).is_file()
+    assert any("image_newline" in k for k in read_checkpoint(src))
+    convert.convert_checkpoint(src, tmp_path / "ours", progress=False)
+    convert.export_checkpoint(tmp_path / "ours", tmp_path / "back", max_shard_bytes=50_000, progress=False)
+    before = {keymap.canonical_key(k): t for k, t in read_checkpoint(src).items()}
+    after = read_checkpoint(tmp_path / "back")
+    assert set(after) == set(before) and "image_newline" in after
+    for k, t in before.items():
+        assert after[k].dtype == t.dtype and after[k].shape == t.shape
+        assert after[k].load().tobytes() == t.load().tobytes(), k
+    back = transformers.LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    assert back.config.image_grid_pinpoints == hf.config.image_grid_pinpoints
+    cfg = config_from_hf(hf.config.to_dict())
+    px, sizes, images = processed(cfg, ("wide", "square"), seed=6)
+    ids, mask = left_padded(cfg.image_token_id, images.lengths)
+    kw = dict(pixel_values=torch.as_tensor(px), image_sizes=torch.as_tensor(sizes))
+    want = hf_logits(hf, ids, mask, **kw)
+    np.testing.assert_array_equal(hf_logits(back, ids, mask, **kw), want)
+    ok = mask.astype(bool)
+    for path in (tmp_path / "ours", src):
+        model = convert.load_model(path)
+        assert isinstance(model.config, LlavaNextConfig)
+        got = forward(*nnx.split(model), images, ids, mask)[0]
+        np.testing.assert_allclose(np.asarray(got)[ok], want[ok], rtol=0, atol=1e-4)
+    assert transformers.LlavaNextImageProcessorPil.from_pretrained(convert.processor_path(tmp_path / "back")
+                                                                    ).image_grid_pinpoints == TINY_PINPOINTS
+
+
+def test_truncated_shard_is_refused_and_nothing_is_left(tmp_path):
+    hf = tiny(seed=1, next=True)
+    src = write_hf(tmp_path / "hf", hf.config.to_dict(), v5_state(hf), shards=3)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 64)
+    for act in (lambda: convert.convert_checkpoint(src, tmp_path / "out", progress=False),
+                lambda: convert.load_model(src)):
+        with pytest.raises(ValueError, match=rf"{shard.name}: truncated safetensors file"):
+            act()
+    assert no_leftovers(tmp_path, "out")
