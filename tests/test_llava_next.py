@@ -3,6 +3,8 @@ five pinpoints): the any-resolution geometry and packed order, logits of batches
 pruned forwards (one selection per image and per view) against transformers fed the same kept features, the
 selections against float64 references on each image's (or view's) own tokens, compile counts across aspect
 ratios, bad input."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 import transformers
 from flax import nnx
 from PIL import Image
+from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
@@ -18,6 +21,8 @@ from hf_reference import from_hf, hf_positions, tiny
 from svdprune_jax.convert import keymap
 from svdprune_jax.convert.safetensors_io import INDEX, read_checkpoint
 from svdprune_jax.benchmarks.timing import Compiles
+from svdprune_jax.cli import main as cli
+from svdprune_jax.inference.pipeline import CHAT_TEMPLATE, Pipeline
 from svdprune_jax.models import anyres
 from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
@@ -350,3 +355,73 @@ def test_truncated_shard_is_refused_and_nothing_is_left(tmp_path):
         with pytest.raises(ValueError, match=rf"{shard.name}: truncated safetensors file"):
             act()
     assert no_leftovers(tmp_path, "out")
+
+
+# --- the pipeline and `svdprune-jax run` on a NeXT directory --------------------------------------------------------
+
+def word_tokenizer():
+    """Words w0..w126 and the special token <image> (id 127, the tiny configs' image token)."""
+    vocab = {f"w{i}": i for i in range(127)} | {"<image>": 127}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w3", pad_token="w0", eos_token="w2",
+                                                additional_special_tokens=["<image>"])
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    """A llava-hf style NeXT directory (save_pretrained), its tokenizer and processor."""
+    hf = tiny(seed=3, next=True)
+    d = tmp_path_factory.mktemp("next") / "llava-next"
+    hf.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    processor().save_pretrained(d)
+    return hf, d
+
+
+def test_pipeline_answers_as_transformers_processor_and_generate(next_dir):
+    """Unpruned, the pipeline's answers are transformers' LlavaNextProcessor + generate on the same images and
+    questions (the processor expands each <image> itself); pruned, each prompt carries `keep` image tokens and the
+    kept indices are the image's token numbers."""
+    hf, d = next_dir
+    pipe = Pipeline.load(d)
+    assert pipe.is_next and pipe.num_image_tokens == 16 + 4 * 16  # base + a 2 x 2 grid of crops
+    images, questions = pictures(("wide", "tall3"), seed=7), ["w5 w9 w11", "w7"]
+    answers, _ = pipe.answer(images, questions, method="full", max_new_tokens=6)
+    tok = word_tokenizer()
+    tok.padding_side = "left"
+    hf_proc = transformers.LlavaNextProcessor(image_processor=processor(), tokenizer=tok, patch_size=8,
+                                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    inputs = hf_proc(images=images, text=[CHAT_TEMPLATE.format(question=q) for q in questions], padding=True,
+                     return_tensors="pt")
+    with torch.no_grad():
+        want = hf.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+    for ans, row in zip(answers, want[:, inputs["input_ids"].shape[1]:].tolist()):
+        n = len(ans.token_ids)  # up to and with EOS; transformers pads the rest of the row
+        assert n >= 1 and ans.token_ids == row[:n] and set(row[n:]) <= {0}
+    counts = pipe.image_token_counts(images)
+    pruned, _ = pipe.answer(images, questions, method="svd:per_view=true", keep=10, max_new_tokens=3)
+    for ans, count in zip(pruned, counts):
+        assert len(ans.kept_indices) == 10 and ans.kept_indices == sorted(ans.kept_indices) and ans.kept_indices[-1] < count
+    with pytest.raises(ValueError, match="fastv and adaptive budgets are not supported on LLaVA-NeXT"):
+        pipe.answer(images, questions, method="fastv", keep=10)
+
+
+def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, capsys):
+    """`svdprune-jax run --model DIR` on the llava-hf directory and on its conversion: the same answer."""
+    _, d = next_dir
+    pictures(("square",), seed=8)[0].save(tmp_path / "x.png")
+    cli.main(["convert", str(d), str(tmp_path / "ours")])
+    capsys.readouterr()
+    outs = []
+    for model in (d, tmp_path / "ours"):
+        cli.main(["run", "--model", str(model), "--image", str(tmp_path / "x.png"), "--prompt", "w5 w6", "--keep", "9",
+                  "--max-new-tokens", "4", "--json"])
+        outs.append(json.loads(capsys.readouterr().out))
+    out = outs[0]
+    assert out["keep"] == 9 and len(out["kept_indices"]) == 9 and out["overlay"] is None
+    assert out["image_tokens"] == 16 + 4 * 16  # square 50 x 47: 2 x 2 crops, unpadding drops no column of 8 x 8
+    assert {k: v for k, v in outs[1].items() if k not in ("model", "seconds", "stage_seconds", "compile_seconds",
+                                                           "unpruned_seconds")} == \
+           {k: v for k, v in out.items() if k not in ("model", "seconds", "stage_seconds", "compile_seconds",
+                                                      "unpruned_seconds")}
