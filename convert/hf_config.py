@@ -45,7 +45,9 @@ def config_to_hf(cfg: LlavaConfig, dtype: str, base: dict | None = None) -> dict
     fields = lambda c: {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
     vision = {**base.get("vision_config", {}), **fields(cfg.vision), "model_type": "clip_vision_model"}
     text = {k: v for k, v in base.get("text_config", {}).items() if k not in ("rope_theta", "rope_scaling")}
-    text.update(fields(cfg.text), model_type="llama")
+    text.update(fields(cfg.text))
+    if cfg.text.model_type == "llama":  # transformers' LlamaConfig has no window
+        text.pop("sliding_window")
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
     layer = cfg.vision_feature_layer
     out = {k: v for k, v in base.items() if k not in ("torch_dtype", "image_token_id")}

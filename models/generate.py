@@ -178,9 +178,9 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
     longest = int(mask.sum(axis=1).max())
-    if longest + decoding.max_new_tokens > cfg.text.max_position_embeddings:
+    if longest + decoding.max_new_tokens > cfg.text.context:
         raise ValueError(f"prompt of {longest} tokens + {decoding.max_new_tokens} new tokens exceeds the context of "
-                         f"{cfg.text.max_position_embeddings} positions")
+                         f"{cfg.text.context} positions")
     given = pruning is not None and pruning.method == GIVEN
     if given != (scores is not None):
         raise ValueError(f"per-token scores go with pruning method {GIVEN!r}, and only with it")

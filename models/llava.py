@@ -232,6 +232,9 @@ def check_prompts(cfg: LlavaConfig, input_ids, attention_mask, budget: int | np.
         raise ValueError(f"input_ids outside the vocabulary [0, {cfg.text.vocab_size})")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any() or not mask[:, -1].all():
         raise ValueError("attention_mask must be left padding: zeros then ones, last column real in every row")
+    if cfg.text.sliding_window is not None and mask.sum(axis=1).max() > cfg.text.sliding_window:
+        raise ValueError(f"prompt of {mask.sum(axis=1).max()} tokens exceeds the sliding window of "
+                         f"{cfg.text.sliding_window} (attending to the whole sequence would differ)")
     counts = ((ids == cfg.image_token_id) & mask).sum(axis=1)
     if (counts != budget).any() or ((ids == cfg.image_token_id) & ~mask).any():
         budget = budget.tolist() if isinstance(budget, np.ndarray) else budget

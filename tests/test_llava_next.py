@@ -26,7 +26,7 @@ from svdprune_jax.inference.pipeline import CHAT_TEMPLATE, Pipeline
 from svdprune_jax.models import anyres
 from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
-from svdprune_jax.models.llava import Pruning, forward
+from svdprune_jax.models.llava import Pruning, check_prompts, forward
 from svdprune_jax.models.llava_next import LLAVA_NEXT_VICUNA_7B, LlavaNextConfig, config_from_hf, layout
 from test_convert import no_leftovers, save, v5_state, write_hf
 from test_leverage import ref_leverage
@@ -425,3 +425,25 @@ def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, 
                                                            "unpruned_seconds")} == \
            {k: v for k, v in out.items() if k not in ("model", "seconds", "stage_seconds", "compile_seconds",
                                                       "unpruned_seconds")}
+
+
+@pytest.mark.parametrize("window", [None, 4096])
+def test_mistral_text_config_logits_and_window(window, tmp_path):
+    """A Mistral decoder (llava-v1.6-mistral-7b-hf's family) is this decoder while a sequence fits its sliding
+    window: logits as transformers', the window kept through export; longer prompts are refused."""
+    hf = tiny(seed=4, next=True, text_model_type="mistral", sliding_window=window, rope_theta=1e6)
+    model, graphdef, state = from_hf(hf)
+    text = model.config.text
+    assert (text.model_type, text.sliding_window, text.rope_theta) == ("mistral", window, 1e6)
+    px, sizes, images = processed(model.config, ("square", "wide"), seed=9)
+    ids, mask = left_padded(model.config.image_token_id, images.lengths)
+    want = hf_logits(hf, ids, mask, pixel_values=torch.as_tensor(px), image_sizes=torch.as_tensor(sizes))
+    ok = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(forward(graphdef, state, images, ids, mask)[0])[ok], want[ok], atol=1e-4)
+    assert config_from_hf(convert.config_to_hf(model.config, "float32")) == model.config
+    if window is not None:
+        small = config_from_hf(dict(hf.config.to_dict(), text_config=dict(hf.config.text_config.to_dict(),
+                                                                          sliding_window=50)))
+        assert small.text.context == 50
+        with pytest.raises(ValueError, match="exceeds the sliding window of 50"):
+            check_prompts(small, ids, mask, images.lengths)

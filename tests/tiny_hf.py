@@ -28,8 +28,11 @@ def tiny_llava_config(
     patch_size=7,
     vision_layers=3,
     text_layers=2,
+    text_model_type="llama",
+    sliding_window=None,
 ):
-    """Every config value our models read is an argument (defaults: llava-1.5's, except the sizes)."""
+    """Every config value our models read is an argument (defaults: llava-1.5's, except the sizes). A "mistral"
+    text model carries `sliding_window` and no attention/MLP biases (MistralConfig has neither)."""
     text = dict(
         model_type="llama",
         vocab_size=128,
@@ -50,6 +53,9 @@ def tiny_llava_config(
         bos_token_id=1,
         eos_token_id=2,
     )
+    if text_model_type == "mistral":
+        del text["attention_bias"], text["mlp_bias"]
+        text.update(model_type="mistral", sliding_window=sliding_window)
     vision = dict(
         model_type="clip_vision_model",
         hidden_size=32,
