@@ -31,6 +31,7 @@ import svdprune_jax
 from svdprune_jax.models import anyres, sharding
 from svdprune_jax.models.llava import GIVEN, LLAVA_15_7B, LLAVA_15_13B, Llava, LlavaConfig, Pruning
 from svdprune_jax.models.sharding import axes
+from svdprune_jax.select import top_k_indices
 
 # transformers' LlavaNextConfig default (llava-hf/llava-v1.6-* ship it): (height, width) pinpoints.
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -139,7 +140,8 @@ class LlavaNext(Llava):
             newline = jnp.broadcast_to(self.image_newline[...].astype(embeds.dtype), (embeds.shape[0], 1, embeds.shape[2]))
             return take(jnp.concatenate([embeds, newline], axis=1), images.packed), None
         if pruning.method == GIVEN:
-            kept = svdprune_jax.select_tokens(jnp.where(images.token_mask, scores, -jnp.inf), pruning.k, sharding.DATA)
+            # padding scored -inf; the scores themselves were checked by the caller (`generate`: finite, (B, T))
+            kept = top_k_indices(jnp.where(images.token_mask, scores, -jnp.inf), pruning.k, sharding.DATA)
             tokens = svdprune_jax.gather_tokens(tokens, kept)
         elif pruning.per_view:
             tokens, kept = self._prune_per_view(feats, cls_attn, images, pruning, key)

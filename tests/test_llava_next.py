@@ -21,14 +21,15 @@ from hf_reference import from_hf, hf_positions, tiny
 from svdprune_jax.convert import keymap
 from svdprune_jax.convert.safetensors_io import INDEX, read_checkpoint
 from svdprune_jax.benchmarks.timing import Compiles
-from svdprune_jax.cli import main as cli
+from svdprune_jax.cli import evaluate, main as cli
 from svdprune_jax.inference.pipeline import CHAT_TEMPLATE, Pipeline
 from svdprune_jax.models import anyres
 from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
-from svdprune_jax.models.llava import Pruning, check_prompts, forward
+from svdprune_jax.models.llava import GIVEN, Pruning, check_prompts, forward
 from svdprune_jax.models.llava_next import LLAVA_NEXT_VICUNA_7B, LlavaNextConfig, config_from_hf, layout
 from test_convert import no_leftovers, save, v5_state, write_hf
+from test_evaluate import CHAT, RUN, write_gqa
 from test_leverage import ref_leverage
 from tiny_hf import TINY_PINPOINTS
 
@@ -447,3 +448,24 @@ def test_mistral_text_config_logits_and_window(window, tmp_path):
         assert small.text.context == 50
         with pytest.raises(ValueError, match="exceeds the sliding window of 50"):
             check_prompts(small, ids, mask, images.lengths)
+
+
+def test_eval_gqa_on_a_next_directory(next_dir, tmp_path):
+    """`svdprune-jax eval gqa --model DIR` answers every question unpruned and pruned per view on a NeXT model
+    (batches of images of different grids; a random model, so only the run's shape is checked)."""
+    _, d = next_dir
+    rows = evaluate.main(["gqa", "--data", str(write_gqa(tmp_path / "gqa")), "--model", str(d), "--methods",
+                          "svd:per_view=true", "--keep", "10", "--out", str(tmp_path / "out"), *RUN, *CHAT])
+    assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1),
+                                                                         ("svd:per_view=true", 10, 6, 1)]
+
+
+def test_given_scores_keep_the_highest_image_tokens(base):
+    """Method GIVEN (an oracle's per-token scores over the packed tokens): padding never wins, even scored highest."""
+    _, model, _, _ = base
+    _, _, images = processed(model.config, ("wide2", "square"))
+    T = model.config.num_image_tokens
+    scores = np.tile(np.arange(T, dtype=np.float32), (2, 1))  # the padding at the end scores highest
+    _, kept = model.encode_images(jax.tree.map(np.asarray, images), Pruning(GIVEN, 6), scores=scores)
+    for b, count in enumerate(images.counts):
+        np.testing.assert_array_equal(kept[b], np.arange(count - 6, count))
