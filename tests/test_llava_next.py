@@ -1,8 +1,9 @@
 """LLaVA-NeXT against transformers' LlavaNextForConditionalGeneration (float32, tiny random configs, 32-pixel tiles,
-five pinpoints): the any-resolution geometry and packed order, logits of batches mixing grids, greedy generation,
-pruned forwards (one selection per image and per view) against transformers fed the same kept features, the
-selections against float64 references on each image's (or view's) own tokens, compile counts across aspect
-ratios, bad input."""
+five pinpoints): the any-resolution geometry and packed order, logits of batches mixing grids (LLaMA and Mistral
+decoders), greedy generation, pruned forwards (one selection per image and per view) against transformers fed the
+same kept features, the selections against float64 references on each image's (or view's) own tokens, every method
+in both modes, compile counts across aspect ratios, conversion both ways, the pipeline, `run` and `eval` by path,
+bad input."""
 import json
 
 import jax
@@ -131,7 +132,7 @@ def test_logits_match_transformers(pair, base):
     assert kept is None and err <= 1e-4
 
 
-def test_variant_config_logits(tmp_path):
+def test_variant_config_logits():
     """Other config values through the NeXT path: two feature layers, tied embeddings, MHA, other activations."""
     hf = tiny(seed=2, next=True, vision_feature_layer=[-3, -1], tie_word_embeddings=True, num_key_value_heads=4,
               hidden_act="gelu_pytorch_tanh", projector_hidden_act="quick_gelu", multimodal_projector_bias=False)
@@ -255,7 +256,7 @@ def test_unpruned_newlines_and_no_recompile_across_aspect_ratios(base):
         grid = anyres.grid_shape(tuple(int(x) for x in SIZES[("wide2", "tall")[b]]), TINY_PINPOINTS, 32)
         assert is_nl.sum() == images.lengths[b] - images.counts[b] and is_nl[-1] and not is_nl[:16].any()
         assert 3 == 1 + grid[0] * grid[1]
-    k, rng = 8, np.random.default_rng(0)
+    k = 8
     ids, mask = left_padded(cfg.image_token_id, [k, k])
     run = lambda sizes, seed: generate(graphdef, state, layout(cfg, *_pixels(sizes, seed)), ids, mask,
                                        decoding=Decoding(4), pruning=Pruning("svd", k))
