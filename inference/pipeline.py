@@ -152,7 +152,9 @@ class Pipeline:
         in_llm = method in ("full", "fastv")
         prompts = [self.prompt_ids(q, template) for q in questions]
         pixels = self.pixel_values(images)
-        slots = np.full(len(prompts), budget)  # LLaVA-NeXT unpruned: each image's own count (newlines included)
+        # every image token reaches the language model for full and fastv: LLaVA-NeXT's each image's own count
+        # (newlines included), LLaVA-1.5's all N
+        slots = np.full(len(prompts), self.num_image_tokens if in_llm else budget)
         if in_llm and self.is_next:
             slots = pixels.lengths
         ids, mask = left_pad([expand(p, self.config.image_token_id, int(n)) for p, n in zip(prompts, slots)],
