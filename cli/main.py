@@ -63,11 +63,13 @@ def run(args):
     (ans,), timings, seconds, first_s = timed_answer(pipe, image, question, spec, keep, args.max_new_tokens)
     # the unpruned answer and time beside the pruned ones, so a pruned answer and its saving are easy to judge
     full = None if spec.method == "full" else timed_answer(pipe, image, question, "full", None, args.max_new_tokens)
-    n = pipe.num_image_tokens
+    n = int(pipe.image_token_counts([image])[0])
     kept = pipe.budget(spec, keep)
     vis = pipe.config.vision
-    overlay = None  # FastV drops tokens inside the language model: every patch reaches its first layers
-    if spec.method != "fastv":
+    # FastV drops tokens inside the language model: every patch reaches its first layers. LLaVA-NeXT's kept tokens
+    # span several views of different scales: no picture yet.
+    overlay = None
+    if spec.method != "fastv" and not pipe.is_next:
         overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
         kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size,
                      geometry=CropGeometry.of(pipe.processor)).save(overlay)
@@ -92,6 +94,7 @@ def run(args):
         print(f"saved     {(full[2] - seconds) * 1e3:.1f} ms of {full[2] * 1e3:.1f} ms unpruned "
               f"({1 - seconds / full[2]:.0%})")
     print("picture   " + (str(overlay) if overlay is not None else
+                          "none: LLaVA-NeXT's kept tokens span views of several scales" if pipe.is_next else
                           "none: fastv keeps every patch for its first layers, then prunes by the question's attention"))
 
 
@@ -146,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,convert,export,eval,bench,train}")
 
     r = sub.add_parser("run", help="answer a question about an image with pruned inference (default: bundled model)")
-    r.add_argument("--model", type=Path, help="HF LLaVA directory or our converted checkpoint (default: bundled)")
+    r.add_argument("--model", type=Path, help="HF LLaVA / LLaVA-NeXT directory or our converted checkpoint (default: bundled)")
     r.add_argument("--image", type=Path, help="image file; non-RGB modes are converted (default: the bundled example)")
     r.add_argument("--prompt", help="the question (default: the bundled image's question)")
     r.add_argument("--keep", type=int, help="image tokens kept (default: 64/576 of the model's image tokens)")

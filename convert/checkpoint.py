@@ -29,6 +29,7 @@ from svdprune_jax.convert.safetensors_io import (Tensor, copy_tiled, nbytes, rea
                                     write_file)
 from svdprune_jax.models import sharding
 from svdprune_jax.models.llava import Llava, LlavaConfig
+from svdprune_jax.models.llava_next import config_from_hf, model_class
 
 PARAMS, UNUSED = "params", "hf_unused.safetensors"
 TARGET_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -56,9 +57,10 @@ def is_ours(path: str | Path) -> bool:
 
 
 def abstract_model(config: LlavaConfig, dtype: str) -> Llava:
-    """Llava with shape-only params (nothing allocated); params and compute in `dtype`."""
+    """Llava (LlavaNext for a NeXT config) with shape-only params (nothing allocated); params and compute in
+    `dtype`."""
     d = TARGET_DTYPES[dtype_name(dtype)]
-    return nnx.eval_shape(lambda: Llava(config, dtype=d, param_dtype=d, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: model_class(config)(config, dtype=d, param_dtype=d, rngs=nnx.Rngs(0)))
 
 
 def abstract_params(model: Llava, mesh: Mesh | None = None) -> dict:
@@ -157,7 +159,7 @@ def _stored_dtype(our_dir: Path) -> str:
 
 
 def load_model(path: str | Path, dtype=None, mesh: Mesh | None = None) -> Llava:
-    """The Llava model stored in an HF LLaVA directory (safetensors) or in ours (Orbax).
+    """The Llava (or LlavaNext) model stored in an HF LLaVA / LLaVA-NeXT directory (safetensors) or in ours (Orbax).
 
     dtype: float32 or bfloat16 for params and compute; default the checkpoint's own (float16 -> bfloat16).
     mesh: a `models.sharding.make_mesh` mesh; every param goes straight into its shards, never whole onto one
@@ -205,7 +207,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype=None, prog
     skipped. dtype: float32 or bfloat16; default the checkpoint's own (float16 -> bfloat16)."""
     hf_dir = Path(hf_dir)
     base = read_config_json(hf_dir)
-    config = LlavaConfig.from_hf(base)
+    config = config_from_hf(base)
     tensors = read_checkpoint(hf_dir)
     dtype = dtype_name(dtype or _default_dtype(t.dtype for t in tensors.values()))
     plan, abstract = _plan(tensors, abstract_model(config, dtype))
@@ -233,7 +235,7 @@ def export_checkpoint(our_dir: str | Path, hf_dir: str | Path, max_shard_bytes: 
     if not is_ours(our_dir):
         raise ValueError(f"{our_dir}: not a converted checkpoint (no {PARAMS}/ directory)")
     base = read_config_json(our_dir)
-    config = LlavaConfig.from_hf(base)
+    config = config_from_hf(base)
     dtype = _stored_dtype(our_dir)
     abstract = abstract_params(abstract_model(config, dtype))
     params = traverse_util.flatten_dict(restore_params(our_dir / PARAMS, abstract))

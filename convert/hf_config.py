@@ -1,4 +1,4 @@
-"""config.json <-> models.llava.LlavaConfig, and the tokenizer/processor files that travel with a checkpoint."""
+"""config.json <-> models.llava.LlavaConfig (or models.llava_next.LlavaNextConfig, by model_type), and the tokenizer/processor files that travel with a checkpoint."""
 import dataclasses
 import json
 import numbers
@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from svdprune_jax.models.llava import LlavaConfig
+from svdprune_jax.models.llava_next import LlavaNextConfig, config_from_hf
 
 CONFIG = "config.json"
 # Files the tokenizer and image processor load (transformers' AutoTokenizer / AutoProcessor), plus generation
@@ -13,6 +14,7 @@ CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 ASSETS = TOKENIZER_FILES + PROCESSOR_FILES + ("generation_config.json",)
 
 
@@ -33,7 +35,7 @@ def read_config_json(directory: str | Path) -> dict:
 
 
 def read_config(directory: str | Path) -> LlavaConfig:
-    return LlavaConfig.from_hf(read_config_json(directory))
+    return config_from_hf(read_config_json(directory))
 
 
 def config_to_hf(cfg: LlavaConfig, dtype: str, base: dict | None = None) -> dict:
@@ -43,11 +45,15 @@ def config_to_hf(cfg: LlavaConfig, dtype: str, base: dict | None = None) -> dict
     fields = lambda c: {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
     vision = {**base.get("vision_config", {}), **fields(cfg.vision), "model_type": "clip_vision_model"}
     text = {k: v for k, v in base.get("text_config", {}).items() if k not in ("rope_theta", "rope_scaling")}
-    text.update(fields(cfg.text), model_type="llama")
+    text.update(fields(cfg.text))
+    if cfg.text.model_type == "llama":  # transformers' LlamaConfig has no window
+        text.pop("sliding_window")
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
     layer = cfg.vision_feature_layer
     out = {k: v for k, v in base.items() if k not in ("torch_dtype", "image_token_id")}
-    out.update(architectures=["LlavaForConditionalGeneration"], model_type="llava", dtype=dtype, vision_config=vision,
+    if isinstance(cfg, LlavaNextConfig):
+        out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+    out.update(architectures=[ARCHITECTURES[cfg.MODEL_TYPE]], model_type=cfg.MODEL_TYPE, dtype=dtype, vision_config=vision,
                text_config=text, image_token_index=cfg.image_token_id,
                vision_feature_layer=layer if isinstance(layer, numbers.Integral) else list(layer),
                vision_feature_select_strategy=cfg.vision_feature_select_strategy,

@@ -1,4 +1,4 @@
-"""The one table between transformers LLaVA tensor keys and our parameter tree, read in both directions.
+"""The one table between transformers LLaVA (and LLaVA-NeXT) tensor keys and our parameter tree, read in both directions.
 
 Each rule names an HF key (after its model part's prefix; "{i}" is a layer index), our param path and the
 transform between the two. A rule with "{i}" fills one slice of a param stacked on its leading axis.
@@ -46,6 +46,7 @@ PREFIXES = {
     "projector": ("multi_modal_projector.", "model.multi_modal_projector."),
     "text": ("language_model.model.", "model.language_model."),
     "head": ("language_model.lm_head.", "lm_head."),
+    "newline": ("", "model."),  # LLaVA-NeXT's image_newline: top level on the hub, under model. in transformers 5
 }
 
 
@@ -104,6 +105,7 @@ RULES: tuple[Rule, ...] = (
       for r in _linear("text", f"{_TL}.mlp.{p}", f"language_model/layers/mlp/{p}")),
     _rule("text", "norm.weight", "language_model/norm/scale"),
     _rule("head", "weight", "lm_head/kernel", LINEAR),
+    _rule("newline", "image_newline", "image_newline"),
 )
 BY_PATH: dict[Path, Rule] = {r.ours: r for r in RULES if r.ours is not None}
 

@@ -14,6 +14,9 @@
                              (not rank=k: it would put every image in the largest bucket)
     lrcp:r=4                 LRCP with its PCA rank (default `svdprune_jax.LRCP_RANK`)
     visionzip:contextual=4   VisionZip's merged-token count (default from the budget)
+    svd:per_view=true        LLaVA-NeXT: each view (base image, crops) scored alone with a share of the budget
+                             proportional to its tokens (default: one selection over all of the image's tokens;
+                             every method but visionzip and fastv)
     svd:merge=true           merge instead of drop: each dropped token averaged into its most similar kept token
                              (every method but visionzip and fastv; `svdprune_jax.baselines.merge_dropped`)
     random, norm, ...        the other methods as before; `matrix` applies to methods that score the features
@@ -49,18 +52,19 @@ class MethodSpec:
     options: tuple[tuple[str, Any], ...] = ()  # `prune` options, defaults filled in; rank may be BUDGET ("k")
     matrix: str = "tower"
     adaptive: float | None = None  # leverage-mass target of a per-image budget
+    per_view: bool = False  # LLaVA-NeXT: a share of the budget per view (`Pruning.per_view`)
 
     def __str__(self) -> str:
         return self.text
 
     def pruning(self, k: int) -> Pruning:
-        return Pruning(self.method, k, self.options, self.matrix)
+        return Pruning(self.method, k, self.options, self.matrix, self.per_view)
 
     def fixed(self) -> "MethodSpec":
         """This spec at a fixed budget: the adaptive target dropped, its rank rule kept (and spelt out)."""
         defaults = DEFAULTS.get(self.method, {}) | (DEFAULT_RULE if self.method == "svd" else {})
         words = [f"{name}={str(value).lower()}" for name, value in self.options if defaults.get(name) != value]
-        words += [f"matrix={self.matrix}"] * (self.matrix != "tower")
+        words += [f"matrix={self.matrix}"] * (self.matrix != "tower") + ["per_view=true"] * self.per_view
         return dataclasses.replace(self, text=":".join([self.method, *words]), adaptive=None)
 
     def rule(self) -> tuple[tuple[str, Any], ...]:
@@ -120,13 +124,15 @@ def _count(text: str) -> int:
 
 
 VALUES = dict(rank=_rank, energy=_fraction("energy"), center=_bool, solver=_one_of(svdprune_jax.SOLVERS),
-              contextual=_count, matrix=_one_of(MATRICES), adaptive=_fraction("adaptive"), merge=_bool)
+              contextual=_count, matrix=_one_of(MATRICES), adaptive=_fraction("adaptive"), merge=_bool,
+              per_view=_bool)
 
 
 def option_names(method: str) -> tuple[str, ...]:
     """The options a method takes on the command line."""
     names = [o for o in pruning.OPTIONS.get(method, ()) if o in VALUES]  # not array options (visionzip keys)
     names += ["matrix"] * (method in FEATURE_METHODS) + ["adaptive"] * (method == "svd")
+    names += ["per_view"] * (method in svdprune_jax.METHODS and method != "visionzip")
     return tuple(names)
 
 
@@ -152,6 +158,7 @@ def parse(text: str, allowed: Sequence[str]) -> MethodSpec:
         except ValueError as e:
             raise ValueError(f"method spec {text!r}: option {name}: {e}") from None
     matrix, adaptive = options.pop("matrix", "tower"), options.pop("adaptive", None)
+    per_view = options.pop("per_view", False)
     if "rank" in options and "energy" in options:
         raise ValueError(f"method spec {text!r}: give one of rank and energy")
     if method == "svd" and "rank" not in options and "energy" not in options:  # the default rank rule
@@ -162,7 +169,7 @@ def parse(text: str, allowed: Sequence[str]) -> MethodSpec:
         raise ValueError(f"method spec {text!r}: adaptive needs a rank rule that does not follow the budget "
                          "(energy=..., or a fixed rank): at rank = budget every image lands in the largest bucket")
     options = DEFAULTS.get(method, {}) | options
-    return MethodSpec(text.strip(), method, tuple(sorted(options.items())), matrix, adaptive)
+    return MethodSpec(text.strip(), method, tuple(sorted(options.items())), matrix, adaptive, per_view)
 
 
 def parse_list(texts: Sequence[str], allowed: Sequence[str]) -> list[MethodSpec]:

@@ -1,4 +1,6 @@
-"""Images + questions -> answers through any LLaVA directory (HF or ours): the path `run` and every eval share.
+"""Images + questions -> answers through any LLaVA or LLaVA-NeXT directory (HF or ours): the path `run` and every
+eval share. LLaVA-NeXT images go through transformers' any-resolution processor (`LlavaNextImageProcessorPil`):
+unpruned, each prompt carries its own image's token count; pruned, every prompt carries `keep`.
 
 A method is one of `svdprune_jax.METHODS` (pruning between the vision tower and the projector), "fastv"
 (pruning inside the language model at layer K) or "full" (no pruning), given as a method spec with its
@@ -16,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessorPil
+from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaNextImageProcessorPil
 
 import svdprune_jax
 from svdprune_jax import names
@@ -27,6 +29,7 @@ from svdprune_jax.models import sharding, stack
 from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
 from svdprune_jax.models.llava import GIVEN, LlavaConfig, adaptive_keep
+from svdprune_jax.models.llava_next import LlavaNextConfig, layout
 
 log = logging.getLogger(__name__)
 METHODS = names.ANSWER_METHODS  # answer() also takes GIVEN, with the caller's scores
@@ -38,7 +41,8 @@ class Answer:
     text: str
     token_ids: list[int]          # generated ids, EOS included when reached
     prompt_ids: list[int]         # the prompt's ids before the image token is expanded to the budget
-    kept_indices: list[int] | None  # kept patch indices, ascending (pre-LLM methods), else None
+    kept_indices: list[int] | None  # kept patch indices, ascending (pre-LLM methods), else None; LLaVA-NeXT: the
+    # kept tokens' numbers among the image's tokens in packed order (base view, then the crops' rows)
 
 
 @dataclasses.dataclass
@@ -47,7 +51,7 @@ class Pipeline:
     state: nnx.State
     config: LlavaConfig
     tokenizer: object
-    processor: CLIPImageProcessorPil
+    processor: CLIPImageProcessorPil | LlavaNextImageProcessorPil
     mesh: Mesh | None = None  # runs sharded on it (`models.sharding`); batches must split over its `data` axis
 
     @classmethod
@@ -59,12 +63,29 @@ class Pipeline:
         # one weight buffer per layer: XLA:CPU copies dynamically indexed layer slices in the decode loop
         model = stack.per_layer(load_model(model_dir, dtype, mesh))
         graphdef, state = nnx.split(model)
-        return cls(graphdef, state, model.config, AutoTokenizer.from_pretrained(tokenizer_path(model_dir)),
-                   CLIPImageProcessorPil.from_pretrained(processor_path(model_dir)), mesh)
+        cfg = model.config
+        next_ = isinstance(cfg, LlavaNextConfig)
+        processor = (LlavaNextImageProcessorPil if next_ else CLIPImageProcessorPil).from_pretrained(
+            processor_path(model_dir))
+        if next_ and tuple(map(tuple, processor.image_grid_pinpoints)) != cfg.image_grid_pinpoints:
+            raise ValueError(f"{model_dir}: the image processor's image_grid_pinpoints {processor.image_grid_pinpoints} "
+                             f"differ from the model's {[list(p) for p in cfg.image_grid_pinpoints]}")
+        return cls(graphdef, state, cfg, AutoTokenizer.from_pretrained(tokenizer_path(model_dir)), processor, mesh)
+
+    @property
+    def is_next(self) -> bool:
+        return isinstance(self.config, LlavaNextConfig)
 
     @property
     def num_image_tokens(self) -> int:
+        """Image tokens of an image (LLaVA-NeXT: the most any image can have, newlines not counted)."""
         return self.config.num_image_tokens
+
+    def image_token_counts(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Image tokens of each image before pruning (newlines not counted)."""
+        if self.is_next:
+            return self.pixel_values(images).counts
+        return np.full(len(images), self.num_image_tokens)
 
     def spec(self, method: str | MethodSpec) -> MethodSpec:
         """A method spec (`svdprune_jax.inference.methods`), parsed when given as text."""
@@ -81,6 +102,10 @@ class Pipeline:
             return n
         if keep is None or not 1 <= keep <= n:
             raise ValueError(f"keep {keep} outside [1, {n}] (the model's image tokens)")
+        if self.is_next and (spec.method == "fastv" or spec.adaptive is not None):
+            raise ValueError(f"method spec {spec.text!r}: fastv and adaptive budgets are not supported on LLaVA-NeXT")
+        if spec.per_view and not self.is_next:
+            raise ValueError(f"method spec {spec.text!r}: per_view needs a LLaVA-NeXT model (LLaVA-1.5 has one view)")
         cfg = self.config
         width = cfg.text.hidden_size if spec.matrix == "projector" else cfg.vision.hidden_size * cfg.num_feature_layers
         spec.check(n, width, keep)
@@ -96,8 +121,11 @@ class Pipeline:
         return np.asarray(adaptive_keep(self.graphdef, self.state, self.pixel_values(images), spec.adaptive,
                                         svdprune_jax.budget_buckets(keep), matrix=spec.matrix, rule=spec.rule()))
 
-    def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return np.asarray(self.processor(images=list(images), return_tensors="np")["pixel_values"], np.float32)
+    def pixel_values(self, images: Sequence[Image.Image]):
+        """The model's image input: pixel_values (B, C, H, W), or for LLaVA-NeXT its `AnyresImages`."""
+        out = self.processor(images=list(images), return_tensors="np")
+        px = np.asarray(out["pixel_values"], np.float32)
+        return layout(self.config, px, out["image_sizes"]) if self.is_next else px
 
     def prompt_ids(self, question: str, template: str = CHAT_TEMPLATE) -> list[int]:
         check_template(template)
@@ -123,15 +151,20 @@ class Pipeline:
         method = spec.method
         in_llm = method in ("full", "fastv")
         prompts = [self.prompt_ids(q, template) for q in questions]
-        slots = self.num_image_tokens if in_llm else budget
-        ids, mask = left_pad([expand(p, self.config.image_token_id, slots) for p in prompts],
+        pixels = self.pixel_values(images)
+        # every image token reaches the language model for full and fastv: LLaVA-NeXT's each image's own count
+        # (newlines included), LLaVA-1.5's all N
+        slots = np.full(len(prompts), self.num_image_tokens if in_llm else budget)
+        if in_llm and self.is_next:
+            slots = pixels.lengths
+        ids, mask = left_pad([expand(p, self.config.image_token_id, int(n)) for p, n in zip(prompts, slots)],
                              self.tokenizer.pad_token_id or 0)
-        if ids.shape[1] + max_new_tokens > self.config.text.max_position_embeddings:
+        if ids.shape[1] + max_new_tokens > self.config.text.context:
             raise ValueError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the context "
-                             f"of {self.config.text.max_position_embeddings}")
+                             f"of {self.config.text.context}")
         if method == "random" and key is None:
             key = jax.random.key(0)
-        out = generate(self.graphdef, self.state, self.pixel_values(images), ids, mask,
+        out = generate(self.graphdef, self.state, pixels, ids, mask,
                        decoding=Decoding(max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id or 0),
                        pruning=None if in_llm else spec.pruning(budget),
                        fastv=FastV(budget) if method == "fastv" else None, key=key, scores=scores, timed=timed,

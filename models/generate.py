@@ -163,7 +163,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     """Generate up to `decoding.max_new_tokens` per row for a left-padded batch of prompts, one image each.
 
     `graphdef, state = nnx.split(model)` once, outside. pixel_values (B, C, H, W) as the CLIP processor gives
-    them; input_ids/attention_mask (B, T), left padding only; each prompt carries exactly `pruning.k` image
+    them (LLaVA-NeXT: `models.llava_next.layout(...)`, each prompt carrying its image's `lengths` unpruned); input_ids/attention_mask (B, T), left padding only; each prompt carries exactly `pruning.k` image
     tokens (unpruned: config.num_image_tokens). Prompts are left-padded further to a multiple of `bucket`.
     Sampling (`decoding.sampling` not greedy) and random pruning need `key`.
     scores (B, N): per-token scores for `Pruning(GIVEN, k)`, which keeps the k highest (e.g. an oracle's).
@@ -172,14 +172,15 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     mesh: run sharded on it; `state` must be laid out on it (`load_model(..., mesh=mesh)`), B a multiple of its
     `data` axis. Every process passes the same whole batch (host arrays) and gets global arrays back.
     """
-    cfg = nnx.merge(graphdef, state).config
-    check_prompts(cfg, input_ids, attention_mask, cfg.num_image_tokens if pruning is None else pruning.k)
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    check_prompts(cfg, input_ids, attention_mask, model.prompt_budget(pixel_values, pruning))
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
     longest = int(mask.sum(axis=1).max())
-    if longest + decoding.max_new_tokens > cfg.text.max_position_embeddings:
+    if longest + decoding.max_new_tokens > cfg.text.context:
         raise ValueError(f"prompt of {longest} tokens + {decoding.max_new_tokens} new tokens exceeds the context of "
-                         f"{cfg.text.max_position_embeddings} positions")
+                         f"{cfg.text.context} positions")
     given = pruning is not None and pruning.method == GIVEN
     if given != (scores is not None):
         raise ValueError(f"per-token scores go with pruning method {GIVEN!r}, and only with it")

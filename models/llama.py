@@ -25,6 +25,11 @@ from svdprune_jax.models.sharding import DATA, axes
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                     num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu")
+# Decoder families that are this network: Mistral is LLaMA's blocks with a sliding attention window, exact here
+# while a sequence fits in the window (`LlamaConfig.context`). Each family's MistralConfig-style defaults.
+FAMILIES = {"llama": dict(_HF_DEFAULTS, num_key_value_heads=None, sliding_window=None),
+            "mistral": dict(_HF_DEFAULTS, intermediate_size=14336, max_position_embeddings=4096 * 32,
+                            num_key_value_heads=8, sliding_window=4096)}
 
 
 def _rope_theta(d: dict) -> float:
@@ -52,8 +57,14 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    model_type: str = "llama"  # a key of FAMILIES
+    sliding_window: int | None = None  # Mistral's attention window (None: the whole sequence)
 
     def __post_init__(self):
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"text model_type {self.model_type!r} is not supported (only {', '.join(FAMILIES)})")
+        if self.model_type == "llama" and self.sliding_window is not None:
+            raise ValueError("a llama decoder has no sliding_window")
         activation(self.hidden_act)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by "
@@ -61,15 +72,25 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
 
+    @property
+    def context(self) -> int:
+        """Positions a prompt and its new tokens may fill: the model's, or Mistral's window when smaller (the
+        decoder attends to the whole sequence, which is the window's result only up to its length)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
     @classmethod
     def from_hf(cls, d: dict) -> "LlamaConfig":
-        """From a transformers LlamaConfig dict (`to_dict()` or a config.json `text_config`)."""
-        if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"text model_type {d['model_type']!r} is not supported (only llama)")
-        kw = {k: d.get(k, v) for k, v in _HF_DEFAULTS.items()}
+        """From a transformers LlamaConfig or MistralConfig dict (`to_dict()` or a config.json `text_config`)."""
+        family = d.get("model_type", "llama")
+        if family not in FAMILIES:
+            raise ValueError(f"text model_type {family!r} is not supported (only {', '.join(FAMILIES)})")
+        kw = {k: d.get(k, v) for k, v in FAMILIES[family].items()}
+        if family == "llama":
+            kw["sliding_window"] = None  # transformers' LlamaConfig has no window
         heads = kw["num_attention_heads"]
-        return cls(**kw, num_key_value_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or kw["hidden_size"] // heads, rope_theta=_rope_theta(d))
+        kw["num_key_value_heads"] = kw["num_key_value_heads"] or heads
+        return cls(**kw, model_type=family, head_dim=d.get("head_dim") or kw["hidden_size"] // heads,
+                   rope_theta=_rope_theta(d))
 
 
 @dataclasses.dataclass(frozen=True)

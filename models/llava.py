@@ -54,15 +54,22 @@ class LlavaConfig:
     def num_feature_layers(self) -> int:
         return 1 if isinstance(self.vision_feature_layer, numbers.Integral) else len(self.vision_feature_layer)
 
+    MODEL_TYPE = "llava"  # config.json's model_type (a class attribute, not a field)
+
     @classmethod
     def from_hf(cls, d: dict) -> "LlavaConfig":
         """From a transformers LlavaConfig `to_dict()` or a llava-hf config.json."""
-        if d.get("model_type", "llava") != "llava":
-            raise ValueError(f"model_type {d['model_type']!r} is not llava")
+        if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
+            raise ValueError(f"model_type {d['model_type']!r} is not {cls.MODEL_TYPE}")
+        return cls(**cls.hf_fields(d))
+
+    @classmethod
+    def hf_fields(cls, d: dict) -> dict:
+        """This class's fields from a config.json dict (subclasses add theirs)."""
         text = dict(d.get("text_config") or {})
         # transformers keeps the tie flag at the top level; older files carry it in text_config.
         text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
-        return cls(
+        return dict(
             vision=CLIPVisionConfig.from_hf(d.get("vision_config") or {}),
             text=LlamaConfig.from_hf(text),
             image_token_id=d.get("image_token_id", d.get("image_token_index", 32000)),
@@ -97,6 +104,9 @@ class Pruning:
     k: int
     options: tuple[tuple[str, Any], ...] = ()  # static options only (no arrays): hashed into the jit cache
     matrix: str = "tower"
+    # LLaVA-NeXT: each view (base, crops) scored alone with a share of k (`prune`'s per_group), not one selection
+    # over the image. LLaVA-1.5 has one view: both are the same selection.
+    per_view: bool = False
 
     def __post_init__(self):
         if self.matrix not in MATRICES:
@@ -163,6 +173,10 @@ class Llava(nnx.Module):
                                              batch_axis=sharding.DATA, **dict(pruning.options))
         return (feats if matrix == "projector" else self.multi_modal_projector(feats)), kept
 
+    def prompt_budget(self, pixel_values, pruning: Pruning | None) -> int | np.ndarray:
+        """Image tokens each prompt must carry: the budget k, or every image feature unpruned."""
+        return self.config.num_image_tokens if pruning is None else pruning.k
+
     def embed(self, input_ids: Int[Array, "B T"], image_embeds: Float[Array, "B n D"]) -> Float[Array, "B T D"]:
         """Token embeddings with the i-th image token of each row replaced by its i-th image embedding
         (running count of image tokens as the gather index: static shapes; counts checked by `check_prompts`)."""
@@ -207,9 +221,9 @@ def positions(mask: Int[Array, "B T"]) -> Int[Array, "B T"]:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def check_prompts(cfg: LlavaConfig, input_ids, attention_mask, budget: int):
+def check_prompts(cfg: LlavaConfig, input_ids, attention_mask, budget: int | np.ndarray):
     """Concrete-input checks that cannot run under jit: ids in the vocabulary, left padding only, exactly
-    `budget` image tokens in the real part of every row."""
+    `budget` image tokens (one count, or one per row) in the real part of every row."""
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if ids.ndim != 2 or mask.shape != ids.shape:
@@ -218,8 +232,12 @@ def check_prompts(cfg: LlavaConfig, input_ids, attention_mask, budget: int):
         raise ValueError(f"input_ids outside the vocabulary [0, {cfg.text.vocab_size})")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any() or not mask[:, -1].all():
         raise ValueError("attention_mask must be left padding: zeros then ones, last column real in every row")
+    if cfg.text.sliding_window is not None and mask.sum(axis=1).max() > cfg.text.sliding_window:
+        raise ValueError(f"prompt of {mask.sum(axis=1).max()} tokens exceeds the sliding window of "
+                         f"{cfg.text.sliding_window} (attending to the whole sequence would differ)")
     counts = ((ids == cfg.image_token_id) & mask).sum(axis=1)
     if (counts != budget).any() or ((ids == cfg.image_token_id) & ~mask).any():
+        budget = budget.tolist() if isinstance(budget, np.ndarray) else budget
         raise ValueError(f"image tokens per prompt {counts.tolist()} differ from the image budget {budget}")
 
 
@@ -228,8 +246,8 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, pixel_values, input_ids, a
             mesh: Mesh | None = None):
     """Checked, jitted `Llava.__call__` on a split model: (logits (B, T', V), kept indices, kept columns).
     mesh: run sharded on it (`state` laid out on it, the batch split over `data`; see `models.sharding`)."""
-    cfg = nnx.merge(graphdef, state).config
-    check_prompts(cfg, input_ids, attention_mask, cfg.num_image_tokens if pruning is None else pruning.k)
+    model = nnx.merge(graphdef, state)
+    check_prompts(model.config, input_ids, attention_mask, model.prompt_budget(pixel_values, pruning))
     if mesh is not None:
         pixel_values, input_ids, attention_mask = sharding.put_batch(mesh, pixel_values, input_ids, attention_mask)
     with sharding.use(mesh):

@@ -109,16 +109,16 @@ def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
-def put_batch(mesh: Mesh | None, *arrays: np.ndarray | None) -> tuple[jax.Array | None, ...]:
-    """Arrays with a leading batch axis on the devices: without a mesh as `jnp.asarray` puts them; on a mesh
-    split over `data` (checked, never padded). None stays None."""
+def put_batch(mesh: Mesh | None, *arrays) -> tuple:
+    """Arrays (or pytrees of them, e.g. `models.anyres.AnyresImages`) with a leading batch axis on the devices:
+    without a mesh as `jnp.asarray` puts them; on a mesh split over `data` (checked, never padded). None stays
+    None."""
     if mesh is None:
-        return tuple(None if a is None else jnp.asarray(a) for a in arrays)
-    for a in arrays:
-        if a is not None:
-            check_batch(np.shape(a)[0], mesh)
+        return tuple(jax.tree.map(jnp.asarray, a) for a in arrays)
+    for a in jax.tree.leaves(arrays):
+        check_batch(np.shape(a)[0], mesh)
     batch = NamedSharding(mesh, logical_spec(("batch",)))
-    return tuple(None if a is None else put(a, batch) for a in arrays)
+    return tuple(jax.tree.map(lambda x: put(x, batch), a) for a in arrays)
 
 
 def use(mesh: Mesh | None):

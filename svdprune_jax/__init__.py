@@ -21,6 +21,7 @@ _EXPORTS = {
     "budget_buckets": "adaptive",
     "divprune_indices": "baselines",
     "fastv_keep_count": "fastv",
+    "group_budgets": "groups",
     "fastv_select": "fastv",
     "gather_tokens": "select",
     "leverage_scores": "leverage",

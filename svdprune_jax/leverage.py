@@ -94,9 +94,22 @@ def _kept_directions(s2: Float[Array, "*b m"], rank, energy) -> Bool[Array, "*b 
     return (before < energy * jnp.sum(s2, axis=-1, keepdims=True)) | (energy >= 1.0)
 
 
-def _centred(x, center: bool):
+def _masked(x, mask):
+    """x in float32 with the rows `mask` marks invalid set to 0 (None: every row valid). A zero row adds nothing
+    to X^T X, so the valid rows' singular vectors and leverage are those of the valid rows alone."""
     x = x.astype(jnp.float32)
-    return x - x.mean(axis=-2, keepdims=True) if center else x
+    return x if mask is None else jnp.where(mask[..., None], x, 0.0)
+
+
+def _centred(x, center: bool, mask=None):
+    """x (float32), minus the mean of its valid rows when `center`; invalid rows (mask False) stay 0."""
+    x = _masked(x, mask)
+    if not center:
+        return x
+    if mask is None:
+        return x - x.mean(axis=-2, keepdims=True)
+    count = jnp.maximum(mask.sum(axis=-1, keepdims=True), 1)[..., None]  # an all-invalid matrix stays 0
+    return _masked(x - x.sum(axis=-2, keepdims=True) / count, mask)
 
 
 def _unit_scale(x):
@@ -108,22 +121,24 @@ def _unit_scale(x):
 
 
 @functools.partial(jax.jit, static_argnames=("by_energy", "center", "solver", "sketch"))
-def _leverage_cut(x, cut, *, by_energy, center, solver, sketch):
-    s2, u, resolved = spectrum(_centred(_unit_scale(x), center), solver, sketch)
+def _leverage_cut(x, cut, mask, *, by_energy, center, solver, sketch):
+    s2, u, resolved = spectrum(_centred(_unit_scale(_masked(x, mask)), center, mask), solver, sketch)
     kept = _kept_directions(s2, None, cut) if by_energy else _kept_directions(s2, cut, None)
     return jnp.einsum("...nm,...m->...n", u * u, (kept & resolved).astype(jnp.float32))
 
 
-def leverage_unchecked(x, *, rank, energy, center, solver):
+def leverage_unchecked(x, *, rank, energy, center, solver, mask=None):
     """Leverage for checked options (`leverage_options`); the cut is traced, so sweeps do not recompile
-    (except "randomized", whose sketch size follows the rank)."""
-    return _leverage_cut(x, energy if rank is None else rank, by_energy=rank is None, center=center,
+    (except "randomized", whose sketch size follows the rank). mask (..., N): only the valid rows form the
+    matrix (mean, spectrum); invalid rows score 0."""
+    return _leverage_cut(x, energy if rank is None else rank, mask, by_energy=rank is None, center=center,
                          solver=solver, sketch=rank if solver == "randomized" else None)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "solver"))
-def residual_unchecked(x, *, rank, solver):
-    xc = _centred(x, True)
+def residual_unchecked(x, mask=None, *, rank, solver):
+    """LRCP's residual for checked options; mask as in `leverage_unchecked` (invalid rows score 0)."""
+    xc = _centred(x, True, mask)
     _, u, resolved = spectrum(xc, solver, rank)
     ur = u[..., :rank] * resolved[..., None, :rank]
     r = xc - _mm(ur, _mm(_t(ur), xc))  # off the span of the top-r principal directions

@@ -4,9 +4,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
-from svdprune_jax import baselines, checks, leverage
+from svdprune_jax import baselines, checks, groups, leverage
 from svdprune_jax.names import METHODS  # the one list of method names
 from svdprune_jax.select import gather_tokens, top_k_indices
 
@@ -64,14 +64,38 @@ def _side_input(x, name: str, features, last: tuple | None) -> None:
     checks.finite(x, name)
 
 
+def _mask_input(mask, features, k: int, per_group: bool) -> None:
+    """A token mask: bool, the shape of features' tokens, and (when concrete) at least k valid tokens per image."""
+    want = np.shape(features)[:-1]
+    if np.shape(mask) != want:
+        raise ValueError(f"mask must have shape {want} (features' tokens); got {np.shape(mask)}")
+    if jnp.result_type(mask) != jnp.bool_:
+        raise ValueError(f"mask must be bool; got dtype {jnp.result_type(mask)}")
+    if checks.is_concrete(mask):
+        valid = np.asarray(mask).sum(axis=(-2, -1) if per_group else -1)
+        if np.size(valid) and valid.min() < k:
+            raise ValueError(f"k={k} exceeds the valid tokens of an image ({int(valid.min())}; mask)")
+
+
 def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
-             cls_attention: Float[Array, "*b n"] | None = None, **options) -> tuple:
+             cls_attention: Float[Array, "*b n"] | None = None, mask: Bool[Array, "*b n"] | None = None,
+             per_group: bool = False, **options) -> tuple:
     """Every check `prune` makes, returning its static options. Shapes and options are checked even on
-    tracers; NaN/inf only on concrete arrays: under an outer jit, call this eagerly on the data first."""
+    tracers; NaN/inf and the mask's counts only on concrete arrays: under an outer jit, call this eagerly on the
+    data first."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     n, d = checks.features_shape(features)
-    k = checks.budget(k, n)
+    if not isinstance(per_group, bool):
+        raise ValueError(f"per_group must be a bool; got {per_group!r}")
+    if per_group:
+        if np.ndim(features) < 3:
+            raise ValueError(f"per_group needs features of shape (..., G, N, D); got shape {np.shape(features)}")
+        if method == "visionzip":
+            raise ValueError("visionzip merges its contextual tokens over the whole image: it has no per-group mode")
+    k = checks.budget(k, n * np.shape(features)[-3] if per_group else n)
+    if mask is not None:
+        _mask_input(mask, features, k, per_group)
     if method in NEEDS_KEY:
         if key is None:
             raise ValueError(f"method {method!r} needs an explicit PRNG key (key=jax.random.key(...))")
@@ -87,31 +111,53 @@ def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, k
     if options.get("keys") is not None:
         _side_input(options["keys"], "keys", features, ("E",))
     checks.finite(features, "features")
-    return _static_options(method, n, d, k, options)
+    return _static_options(method, n, d, min(k, n), options)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "method", "options", "batch_axis"))
-def _prune(features, key, cls_attention, keys, *, k, method, options, batch_axis):
+def _scores(features, key, cls_attention, method, o):
+    return {
+        "svd": lambda: leverage.leverage_unchecked(features, **o),
+        "lrcp": lambda: leverage.residual_unchecked(features, **o),
+        "norm": lambda: baselines.norm_scores(features),
+        "cls_attention": lambda: cls_attention,
+        "random": lambda: baselines.random_scores(key, features.shape[:-1]),
+    }[method]()
+
+
+def _divprune_priority(features, mask, k: int):
+    """DivPrune's greedy order as a priority: its first pick highest, unpicked tokens -inf."""
+    k = min(k, features.shape[-2])
+    order = baselines.divprune_order(features, k, mask)
+    picked = jax.nn.one_hot(order, features.shape[-2], dtype=bool)  # (..., k, n)
+    return jnp.max(jnp.where(picked, (k - jnp.arange(k, dtype=jnp.float32))[:, None], -jnp.inf), axis=-2)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "method", "options", "batch_axis", "per_group"))
+def _prune(features, key, cls_attention, keys, mask, *, k, method, options, batch_axis, per_group):
     o = dict(options)
     merge = o.pop("merge", False)
+    if method in ("svd", "lrcp"):
+        o["mask"] = mask
     if method == "visionzip":
-        return baselines.visionzip(features, cls_attention, k, o["contextual"], keys)
-    if method == "divprune":
-        idx = baselines.divprune_indices(features, k)
+        return baselines.visionzip(features, cls_attention, k, o["contextual"], keys, mask)
+    if per_group:
+        valid = jnp.ones(features.shape[:-1], bool) if mask is None else mask
+        priority = (_divprune_priority(features, valid, k) if method == "divprune"
+                    else _scores(features, key, cls_attention, method, o))
+        idx = groups.select_per_group(priority, valid, k, batch_axis)
+        features = features.reshape(*features.shape[:-3], -1, features.shape[-1])
+        mask = valid.reshape(*valid.shape[:-2], -1)
+    elif method == "divprune":
+        idx = baselines.divprune_indices(features, k, mask)
     else:
-        scores = {
-            "svd": lambda: leverage.leverage_unchecked(features, **o),
-            "lrcp": lambda: leverage.residual_unchecked(features, **o),
-            "norm": lambda: baselines.norm_scores(features),
-            "cls_attention": lambda: cls_attention,
-            "random": lambda: baselines.random_scores(key, features.shape[:-1]),
-        }[method]()
-        idx = top_k_indices(scores, k, batch_axis)
-    return (baselines.merge_dropped(features, idx) if merge else gather_tokens(features, idx)), idx
+        scores = _scores(features, key, cls_attention, method, o)
+        idx = top_k_indices(scores if mask is None else jnp.where(mask, scores, -jnp.inf), k, batch_axis)
+    return (baselines.merge_dropped(features, idx, mask) if merge else gather_tokens(features, idx)), idx
 
 
 def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
-          cls_attention: Float[Array, "*b n"] | None = None, batch_axis: str | None = None, **options
+          cls_attention: Float[Array, "*b n"] | None = None, batch_axis: str | None = None,
+          mask: Bool[Array, "*b n"] | None = None, per_group: bool = False, **options
           ) -> tuple[Float[Array, "*b k d"], Int[Array, "*b k"]]:
     """Keep k of the N tokens of `features` (..., N, D): returns (kept (..., k, D), indices int32 (..., k)).
 
@@ -131,12 +177,19 @@ def prune(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key:
                        and indices that are not globally ascending: see `baselines.visionzip`.
     merge=True (every method but visionzip): merge instead of drop, each dropped token averaged into its most
     cosine-similar kept token (`baselines.merge_dropped`); the indices are the kept tokens' (the anchors).
+    mask (..., N) bool: the image's tokens (an image with fewer tokens than N, padded): the others are never
+    kept, merged or scored with (svd/lrcp: the matrix is the valid rows alone). At least k valid per image.
+    per_group: features (..., G, N, D) are G groups of one image (LLaVA-NeXT's views): each group is scored
+    alone and keeps a share of k proportional to its valid tokens (`groups.group_budgets`); indices point
+    into the flattened G * N tokens (ascending), kept (..., k, D). Every method but visionzip.
     k and method are static; batched input (B, N, D) works directly and the call is vmap-able (`jax.vmap`
     with k/method closed over). key and cls_attention are ignored by methods that do not use them. batch_axis: a
     device-mesh axis that splits the batch (`svdprune_jax.models.sharding.DATA`): each device selects its own rows.
     Raises ValueError for bad input (see `validate`).
     """
-    static = validate(features, k, method, key=key, cls_attention=cls_attention, **options)
+    static = validate(features, k, method, key=key, cls_attention=cls_attention, mask=mask, per_group=per_group,
+                      **options)
     return _prune(features, key if method in NEEDS_KEY else None,
                   cls_attention if method in NEEDS_CLS_ATTENTION else None, options.get("keys"),
-                  k=k, method=method, options=static, batch_axis=batch_axis)
+                  None if mask is None else jnp.asarray(mask), k=k, method=method, options=static,
+                  batch_axis=batch_axis, per_group=per_group)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from svdprune_jax.models.llava import Llava, LlavaConfig
+from svdprune_jax.models.llava import LlavaConfig
+from svdprune_jax.models.llava_next import config_from_hf, model_class
 from tiny_hf import tiny_llava
 
 
@@ -68,8 +69,8 @@ def tiny(seed=0, scale=4.0, **overrides):
 
 def from_hf(hf, dtype=jnp.float32):
     """(model, graphdef, state) of our Llava holding the HF model's weights; the trees must match exactly."""
-    cfg = LlavaConfig.from_hf(hf.config.to_dict())
-    model = nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    cfg = config_from_hf(hf.config.to_dict())
+    model = nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     depth = model.vision_tower.num_layers
     params = hf_params(hf, cfg, depth)
     state = nnx.state(model, nnx.Param)

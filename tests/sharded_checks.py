@@ -27,7 +27,8 @@ from svdprune_jax.convert import export_checkpoint, load_model, save_model
 from svdprune_jax.convert.hf_config import write_config
 from svdprune_jax.models import sharding, stack
 from svdprune_jax.models.generate import Decoding, encode_stage, generate
-from svdprune_jax.models.llava import Llava, Pruning, forward
+from svdprune_jax.models.llava import Llava, LlavaConfig, Pruning, forward
+from svdprune_jax.models.llava_next import LlavaNextConfig, layout
 from tiny_sharded import B, CONFIG, PIXELS, prompts, random_model
 
 if jax.device_count() != 8:
@@ -70,6 +71,7 @@ LAYOUT = {
     _LM + ("layers", "mlp", "down_proj", "kernel"): ROW,
     _LM + ("norm", "scale"): REPLICATED,
     ("lm_head", "kernel"): COL,
+    ("image_newline",): REPLICATED,  # LLaVA-NeXT's
 }
 LAYOUT = {tuple(n for part in path for n in part.split("/")): spec for path, spec in LAYOUT.items()}
 
@@ -101,7 +103,7 @@ def reference(model_dirs):
     return outputs(stack.per_layer(load_model(model_dirs[0])), None)
 
 
-def assert_sharded_as_layout(model: Llava, mesh):
+def assert_sharded_as_layout(model: Llava, mesh, next_: bool = False):
     """Every param laid out as LAYOUT has it (stacked params: the layer axis in front, not split), each device
     holding that slice's shape, and every kind of param LAYOUT names present."""
     seen = set()
@@ -117,7 +119,7 @@ def assert_sharded_as_layout(model: Llava, mesh):
         assert {s.data.shape for s in a.addressable_shards} == {shard}, (path, shard)
         assert len(a.addressable_shards) == 8
         seen.add(kind)
-    assert seen == set(LAYOUT), set(LAYOUT) - seen
+    assert seen == set(LAYOUT) - ({("image_newline",)} if not next_ else set()), set(LAYOUT) - seen
 
 
 @pytest.mark.parametrize("data, model_axis", MESHES)
@@ -230,3 +232,47 @@ def test_bad_mesh_model_axis_and_batch(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="batch of 6 does not split over data=4: use a multiple of 4"):
         generate(graphdef, state, PIXELS[:6], ids[:6], mask[:6], decoding=Decoding(NEW),
                  pruning=Pruning("svd", K), mesh=mesh)
+
+
+# LLaVA-NeXT: the same model with 28-pixel tiles; four images (grids 1x2, 2x1, 2x2 and a 2x2 of another
+# aspect ratio), each with its own number of views and unpadded tokens, one per device on data=4.
+NEXT = LlavaNextConfig(**{f.name: getattr(CONFIG, f.name) for f in dataclasses.fields(LlavaConfig)},
+                       image_grid_pinpoints=((28, 56), (56, 28), (56, 56)))
+NEXT_SIZES = [(24, 70), (50, 22), (40, 40), (35, 50)]
+
+
+def test_next_sharded_run_equals_single_device(tmp_path):
+    """Unpruned (every image its own prompt length) and pruned (one selection by svd, per view by norm: one SVD
+    per device, see the module docstring) logits and kept tokens, and pruned generation, on a 4 x 2 mesh."""
+    save_model(random_model(NEXT), tmp_path / "next")
+    images = layout(NEXT, np.random.default_rng(2).standard_normal((4, 5, 3, 28, 28)).astype(np.float32), NEXT_SIZES)
+    assert len(set(images.lengths.tolist())) == 4
+    mesh = sharding.make_mesh(4, 2)
+    runs = {}
+    for name, m in (("one", None), ("mesh", mesh)):
+        model = stack.per_layer(load_model(tmp_path / "next", mesh=m))
+        if m is not None:
+            assert_sharded_as_layout(model, m, next_=True)
+        graphdef, state = nnx.split(model)
+        out = {}
+        for label, pruning in (("full", None), ("svd", Pruning("svd", K)), ("norm_views", Pruning("norm", K, per_view=True))):
+            ids, mask = prompts(K)
+            if pruning is None:  # each image's own slot count, left-padded to the longest
+                rows = [[1, 5, 6] + [NEXT.image_token_id] * int(n) + [7] * (2 + b) for b, n in enumerate(images.lengths)]
+                ids, mask = np.zeros((4, max(map(len, rows))), np.int32), np.zeros((4, max(map(len, rows))), np.int32)
+                for b, r in enumerate(rows):
+                    ids[b, -len(r):], mask[b, -len(r):] = r, 1
+            logits, kept, _ = forward(graphdef, state, images, ids[:4], mask[:4], pruning=pruning, mesh=m)
+            out[label] = sharding.to_host(logits), None if kept is None else sharding.to_host(kept)
+        ids, mask = (a[:4] for a in prompts(K))
+        out["generate"] = sharding.to_host(generate(graphdef, state, images, ids, mask, decoding=Decoding(NEW),
+                                                    pruning=Pruning("svd", K), mesh=m).tokens), None
+        runs[name] = out
+    for label, (logits, kept) in runs["one"].items():
+        got_logits, got_kept = runs["mesh"][label]
+        if label == "generate":
+            np.testing.assert_array_equal(got_logits, logits)
+            continue
+        np.testing.assert_allclose(got_logits, logits, rtol=1e-5, atol=1e-5, err_msg=label)
+        if kept is not None:
+            np.testing.assert_array_equal(got_kept, kept, err_msg=label)

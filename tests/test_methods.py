@@ -36,12 +36,23 @@ def test_parse(text, method, options, matrix, adaptive):
     assert str(spec) == text.strip()
 
 
+def test_per_view_spec():
+    """LLaVA-NeXT's per-view budgets: an option of every selector but visionzip (and fastv), carried to Pruning."""
+    spec = parse("divprune:per_view=true:merge=true", ALLOWED)
+    assert spec.per_view and spec.pruning(8) == Pruning("divprune", 8, (("merge", True),), "tower", True)
+    assert spec.fixed().text == "divprune:merge=true:per_view=true" and parse(spec.fixed().text, ALLOWED) == spec
+    assert not parse("svd", ALLOWED).per_view
+    for bad in ("visionzip:per_view=true", "fastv:per_view=true"):
+        with pytest.raises(ValueError, match="takes no option 'per_view'"):
+            parse(bad, ALLOWED)
+
+
 @pytest.mark.parametrize("text, match", [
     ("svdd", r"unknown method 'svdd'; choose from full, svd, random"),
     ("svd:energy", r"option 'energy' is not NAME=VALUE"),
     ("svd:energy=", r"option 'energy=' is not NAME=VALUE"),
     ("svd:eps=0.9", r"svd takes no option 'eps'; valid: rank, energy, center, solver, merge, matrix, adaptive"),
-    ("random:matrix=projector", r"random takes no option 'matrix'; valid: merge$"),
+    ("random:matrix=projector", r"random takes no option 'matrix'; valid: merge, per_view$"),
     ("oracle:merge=true", r"oracle takes no option 'merge' \(it has no options\)"),
     ("visionzip:merge=true", "visionzip takes no option 'merge'"),
     ("svd:merge=1", "option merge: expected true or false"),

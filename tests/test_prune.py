@@ -150,3 +150,66 @@ def test_validate_under_jit_checks_shapes_but_not_values():
     jax.jit(lambda x: sp.prune(x, K)[1])(x)
     with pytest.raises(ValueError, match="NaN"):
         sp.validate(x, K)
+
+
+MASKED = ["svd", "lrcp", "norm", "cls_attention", "divprune", "visionzip", "svd:merge", "divprune:merge"]
+
+
+def _padded(seed, n_valid=30, pad=18):
+    """A (n_valid, D) image hidden among `pad` garbage rows at random positions; its mask and valid positions."""
+    rng = np.random.default_rng(seed)
+    x, attn = inputs(seed, 1)
+    x, attn = x[0, :n_valid], attn[0, :n_valid]
+    mask = np.zeros(n_valid + pad, bool)
+    mask[np.sort(rng.choice(n_valid + pad, n_valid, replace=False))] = True
+    xp = (100 * rng.standard_normal((n_valid + pad, D))).astype(np.float32)
+    ap = rng.random(n_valid + pad).astype(np.float32)
+    xp[mask], ap[mask] = x, attn
+    return x, attn, xp, ap, mask
+
+
+@pytest.mark.parametrize("spec", MASKED)
+def test_mask_prunes_as_if_the_invalid_rows_were_absent(spec):
+    """Masked rows (large garbage) change nothing: the same tokens and kept rows as pruning the valid rows alone."""
+    method, _, merge = spec.partition(":")
+    opts = dict(merge=True) if merge else {}
+    x, attn, xp, ap, mask = _padded(0)
+    want, want_idx = sp.prune(x, K, method, cls_attention=attn, **opts)
+    got, idx = sp.prune(xp, K, method, cls_attention=ap, mask=mask, **opts)
+    np.testing.assert_array_equal(idx, np.flatnonzero(mask)[np.asarray(want_idx)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["svd", "lrcp", "norm", "cls_attention", "divprune", "random"])
+def test_per_group_budgets_each_group_alone(method):
+    """per_group: group g keeps its largest-remainder share of k of its own valid tokens, chosen as pruning that
+    group's valid rows alone would (random: any of them); indices into the flattened groups, ascending."""
+    groups = [_padded(s, n_valid, 48 - n_valid) for s, n_valid in enumerate((30, 12, 45))]
+    xs, attns = np.stack([g[2] for g in groups]), np.stack([g[3] for g in groups])
+    masks = np.stack([g[4] for g in groups])
+    k = 10
+    shares = np.asarray(sp.group_budgets(jnp.asarray(masks.sum(1)), k))
+    np.testing.assert_array_equal(shares, [4, 1, 5])  # 10 * (30, 12, 45) / 87 = 3.45, 1.38, 5.17: 3, 1, 5 + (1, 0, 0)
+    kept, idx = sp.prune(xs, k, method, cls_attention=attns, mask=masks, per_group=True, key=jax.random.key(1))
+    idx = np.asarray(idx)
+    assert kept.shape == (k, D) and (np.diff(idx) > 0).all() and masks.ravel()[idx].all()
+    np.testing.assert_array_equal(np.bincount(idx // 48, minlength=3), shares)
+    np.testing.assert_array_equal(kept, xs.reshape(-1, D)[idx])
+    if method != "random":
+        for g, (x, attn, _, _, mask) in enumerate(groups):
+            _, alone = sp.prune(x, int(shares[g]), method, cls_attention=attn)
+            np.testing.assert_array_equal(idx[idx // 48 == g] % 48, np.flatnonzero(mask)[np.asarray(alone)])
+
+
+def test_mask_and_per_group_bad_input():
+    x, attn, xp, ap, mask = _padded(0)
+    with pytest.raises(ValueError, match=r"k=31 exceeds the valid tokens of an image \(30; mask\)"):
+        sp.prune(xp, 31, "svd", mask=mask)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        sp.prune(xp, 4, "svd", mask=mask[:-1])
+    with pytest.raises(ValueError, match="mask must be bool"):
+        sp.prune(xp, 4, "svd", mask=mask.astype(np.float32))
+    with pytest.raises(ValueError, match="visionzip .* no per-group mode"):
+        sp.prune(xp[None], 4, "visionzip", cls_attention=ap[None], per_group=True)
+    with pytest.raises(ValueError, match="per_group needs features of shape"):
+        sp.prune(x, 4, "svd", per_group=True)

@@ -3,7 +3,7 @@
 Every variant is small enough to build in well under a second, so tests can make many of them.
 """
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 IMAGE_TOKEN_ID = 127
 
@@ -28,8 +28,11 @@ def tiny_llava_config(
     patch_size=7,
     vision_layers=3,
     text_layers=2,
+    text_model_type="llama",
+    sliding_window=None,
 ):
-    """Every config value our models read is an argument (defaults: llava-1.5's, except the sizes)."""
+    """Every config value our models read is an argument (defaults: llava-1.5's, except the sizes). A "mistral"
+    text model carries `sliding_window` and no attention/MLP biases (MistralConfig has neither)."""
     text = dict(
         model_type="llama",
         vocab_size=128,
@@ -50,6 +53,9 @@ def tiny_llava_config(
         bos_token_id=1,
         eos_token_id=2,
     )
+    if text_model_type == "mistral":
+        del text["attention_bias"], text["mlp_bias"]
+        text.update(model_type="mistral", sliding_window=sliding_window)
     vision = dict(
         model_type="clip_vision_model",
         hidden_size=32,
@@ -74,10 +80,24 @@ def tiny_llava_config(
     )
 
 
-def tiny_llava(seed=0, **overrides) -> LlavaForConditionalGeneration:
-    """A float32 eval-mode model with random weights (seeded), built from `tiny_llava_config`."""
+# (height, width) in tiles of the tower's 32 pixels: wide, tall, square and long grids (3, 4 and 5 views)
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def tiny_llava_next_config(image_grid_pinpoints=TINY_PINPOINTS, **overrides):
+    """`tiny_llava_config`'s towers and decoder as a LLaVA-NeXT (32-pixel tiles of 4 x 4 patches)."""
+    base = tiny_llava_config(**{"image_size": 32, "patch_size": 8, **overrides}).to_dict()
+    keep = ("vision_config", "text_config", "image_token_index", "vision_feature_layer", "projector_hidden_act",
+            "vision_feature_select_strategy", "multimodal_projector_bias", "tie_word_embeddings")
+    return LlavaNextConfig(**{k: base[k] for k in keep}, image_grid_pinpoints=image_grid_pinpoints)
+
+
+def tiny_llava(seed=0, next=False, **overrides) -> LlavaForConditionalGeneration:
+    """A float32 eval-mode model with random weights (seeded), built from `tiny_llava_config` (`next`: a
+    LlavaNextForConditionalGeneration from `tiny_llava_next_config`)."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**overrides)).eval()
+    model = (LlavaNextForConditionalGeneration(tiny_llava_next_config(**overrides)) if next
+             else LlavaForConditionalGeneration(tiny_llava_config(**overrides))).eval()
     # Random init leaves norms at 1/0 and biases at 0; perturb them so a wrongly wired norm or bias cannot hide.
     with torch.no_grad():
         for name, p in model.named_parameters():

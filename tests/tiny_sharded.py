@@ -6,6 +6,7 @@ from flax import nnx
 from svdprune_jax.models.clip import CLIPVisionConfig
 from svdprune_jax.models.llama import LlamaConfig
 from svdprune_jax.models.llava import Llava, LlavaConfig
+from svdprune_jax.models.llava_next import model_class
 
 B = 8  # prompts, one image each
 CONFIG = LlavaConfig(
@@ -18,12 +19,13 @@ CONFIG = LlavaConfig(
 PIXELS = np.random.default_rng(0).standard_normal((B, 3, 28, 28)).astype(np.float32)
 
 
-def random_model() -> Llava:
+def random_model(config: LlavaConfig = CONFIG) -> Llava:
     """Matrices N(0, 1/fan_in) as at init, norm scales 1 and biases 0 perturbed by N(0, 0.1^2), drawn with NumPy
     (eager `Llava(...)` init takes ~30 s on a loaded 2-core machine). Init scale on purpose: with matrices x4,
     float32 rounding is amplified so much that one device alone moves logits by 4e-4 between a batch of 8 and a
-    batch of 1 (2e-6 at init scale), too much for the 1e-5 the sharded checks hold to."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(CONFIG, rngs=nnx.Rngs(0))))
+    batch of 1 (2e-6 at init scale), too much for the 1e-5 the sharded checks hold to. `config` may be a
+    LlavaNextConfig (its image_newline drawn like a bias)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     for path, var in nnx.to_flat_state(state):
         a = rng.standard_normal(var.shape).astype(np.float32)
