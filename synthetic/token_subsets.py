@@ -3,14 +3,20 @@ inference feeds pruned tokens (kept features in spatial order, one image token e
 
 The subsets are drawn without looking at the image, the question or any score, so they favour no selector under
 test: the size k is log-uniform over [min_tokens, N] (every budget the benchmark uses, from ~2% to 100%, gets
-about the same weight per factor of two), and the shape is, with equal odds,
+about the same weight per factor of two), and the shape is, with equal odds among a stage's `SHAPES`,
   - uniform: k patches drawn uniformly without replacement (the scattered subsets of random pruning, and of
-    score-based selectors on cluttered images), or
+    score-based selectors on cluttered images),
   - regions: a union of random axis-aligned rectangles (sides 1 .. ~sqrt(k)) grown until it holds k patches,
-    trimmed at random within the last rectangle (the compact blobs of object-centred selectors and of an oracle).
+    trimmed at random within the last rectangle (the compact blobs of object-centred selectors and of an oracle),
+  - objects: whole objects of the scene taken in a random order (each object's patches, the last trimmed at
+    random; background patches drawn uniformly once the objects run out): object-only sequences, as an oracle
+    or a selector that concentrates on objects produces them, with the objects chosen blind to the question.
 A share of rows keeps the full grid, so the unpruned reader is trained on as before.
 """
 import numpy as np
+from scipy import ndimage
+
+SHAPES = ("uniform", "regions", "objects")
 
 
 def draw_size(rng: np.random.Generator, n: int, min_tokens: int) -> int:
@@ -40,10 +46,42 @@ def region_subset(rng: np.random.Generator, grid: int, k: int) -> np.ndarray:
     return np.flatnonzero(taken)
 
 
-def draw_subset(rng: np.random.Generator, grid: int, min_tokens: int) -> np.ndarray:
-    """Sorted kept indices into the grid*grid patches: a log-uniform size, uniform or region shape."""
+def object_labels(kind: np.ndarray, background: int) -> np.ndarray:
+    """Objects of a patch map of kinds (e.g. colour-shape bindings, `background` for none): each 4-connected
+    patch region of one kind gets its own label 0, 1, ...; background -1."""
+    labels = np.full(kind.shape, -1)
+    for value in np.unique(kind[kind != background]):
+        parts, n = ndimage.label(kind == value)
+        labels[parts > 0] = labels.max() + parts[parts > 0]
+    return labels
+
+
+def object_subset(rng: np.random.Generator, labels: np.ndarray, k: int) -> np.ndarray:
+    """Sorted indices of k patches: whole objects of `labels` (`object_labels`) in a random order, the last one
+    trimmed at random, then background patches drawn uniformly if the objects hold fewer than k."""
+    flat = labels.ravel()
+    objects = [np.flatnonzero(flat == o) for o in rng.permutation(np.unique(flat[flat >= 0]))]
+    taken = np.concatenate([*objects, rng.permutation(np.flatnonzero(flat < 0))]).astype(int)
+    last = taken[:k]
+    # the object that straddles the k-th slot loses random patches rather than its tail in raster order
+    cut = next((o for o in objects if np.isin(o, last).any() and not np.isin(o, last).all()), None)
+    if cut is not None:
+        whole = last[~np.isin(last, cut)]
+        last = np.concatenate([whole, rng.choice(cut, size=k - len(whole), replace=False)])
+    return np.sort(last)
+
+
+def draw_subset(rng: np.random.Generator, grid: int, min_tokens: int, shapes: tuple[str, ...] = SHAPES[:2],
+                objects: np.ndarray | None = None) -> np.ndarray:
+    """Sorted kept indices into the grid*grid patches: a log-uniform size, a shape drawn from `shapes` with equal
+    odds ("objects" needs the image's `objects`, an `object_labels` map)."""
     k = draw_size(rng, grid * grid, min_tokens)
-    return (uniform_subset if rng.random() < 0.5 else region_subset)(rng, grid, k)
+    shape = shapes[int(rng.random() * len(shapes))]
+    if shape == "objects":
+        if objects is None:
+            raise ValueError("the 'objects' subset shape needs the image's object labels")
+        return object_subset(rng, objects, k)
+    return {"uniform": uniform_subset, "regions": region_subset}[shape](rng, grid, k)
 
 
 def apply_subset(features: np.ndarray, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, kept: np.ndarray,

@@ -49,7 +49,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from svdprune_jax.synthetic.bundled import MODEL_DIR, PRESETS, SCENES
 from svdprune_jax.synthetic.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
 from svdprune_jax.synthetic.benchmark import oracle_scores
-from svdprune_jax.synthetic.token_subsets import apply_subsets, draw_subset, uniform_subset
+from svdprune_jax.synthetic.token_subsets import apply_subsets, draw_subset, object_labels, uniform_subset
 from svdprune_jax.synthetic.samples import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
                            training_questions)
 from svdprune_jax.synthetic.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
@@ -89,9 +89,10 @@ class Stage:
     # schedule (where the bundled recipe's stages were cut, and why: docs/training.md).
     decay_steps: int = 0
     # Share of training sequences whose image tokens are a random subset of the grid (`svdprune_jax.synthetic.token_subsets`: size
-    # log-uniform in [min_tokens, N], uniform or region-shaped), so the decoder reads pruned sequences.
+    # log-uniform in [min_tokens, N], its shape drawn from `subset_shapes`), so the decoder reads pruned sequences.
     subsets: float = 0.0
     min_tokens: int = 4
+    subset_shapes: tuple[str, ...] = ("uniform", "regions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +114,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        return cls(**{**d, "stages": tuple(Stage(**s) for s in d["stages"])})
+        stage = lambda s: Stage(**{**s, "subset_shapes": tuple(s.get("subset_shapes", Stage.subset_shapes))})
+        return cls(**{**d, "stages": tuple(map(stage, d["stages"]))})
 
 
 RECIPES = {
@@ -124,11 +126,20 @@ RECIPES = {
                               Stage(2000, 32, 5e-4, 50, turns=9, need_quadrant=1),
                               Stage(1500, 32, 5e-4, 100, turns=9, need_quadrant=1, decay_steps=3000)),
                       eval_every=250, ckpt_every=50),
-    # The shipped model's decoder fine-tuned to read pruned sequences (issue 21): its tower and training images
-    # unchanged, 3 of 4 sequences read a token subset (`Stage.subsets`), the rest the full grid.
+    # The `bundled` recipe's decoder fine-tuned to read pruned sequences (issue 21; shipped since 2026-12-06):
+    # its tower and training images unchanged, 3 of 4 sequences read a token subset (`Stage.subsets`), the rest
+    # the full grid. It started from the model then shipped, the `bundled` recipe's export: to reproduce it, pass
+    # that export's directory as init (init="bundled" now reads this recipe's own result).
     "bundled_subsets": Recipe("bundled", seed=1, n_train=30_000, n_val=500, n_test=1000, init="bundled",
                               stages=(Stage(0, 32, 1e-3, 0),
                                       Stage(1000, 32, 3e-4, 100, turns=9, need_quadrant=1, subsets=0.75)),
+                              eval_every=200, ckpt_every=50),
+    # `bundled_subsets` fine-tuned further with whole-object subsets in the mix (`token_subsets.object_subset`):
+    # on the shipped reader the oracle's object-only sequences left counting at chance (docs/results.md).
+    "bundled_objects": Recipe("bundled", seed=2, n_train=30_000, n_val=500, n_test=1000, init="bundled",
+                              stages=(Stage(0, 32, 1e-3, 0),
+                                      Stage(600, 32, 2e-4, 50, turns=9, need_quadrant=1, subsets=0.75,
+                                            subset_shapes=("uniform", "regions", "objects"))),
                               eval_every=200, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
@@ -527,9 +538,17 @@ class Run:
         if spec.subsets:  # a pure function of (seed, stage, step): resumes draw the same subsets
             rng = np.random.default_rng([self.recipe.seed, stage, step, 1])
             chosen = np.flatnonzero(rng.random(len(idx)) < spec.subsets)
-            apply_subsets(rows, {i: draw_subset(rng, self.scene.grid, spec.min_tokens) for i in chosen},
-                          *self._special_ids)
+            objects = (self.object_labels(idx[chosen]) if "objects" in spec.subset_shapes
+                       else [None] * len(chosen))
+            apply_subsets(rows, {i: draw_subset(rng, self.scene.grid, spec.min_tokens, spec.subset_shapes, o)
+                                 for i, o in zip(chosen, objects)}, *self._special_ids)
         return dict(zip(("features", "ids", "mask", "labels"), map(jnp.asarray, rows)))
+
+    def object_labels(self, idx: np.ndarray) -> list[np.ndarray]:
+        """The objects of training images `idx` (`token_subsets.object_labels` of their colour-shape bindings)."""
+        binding = self.train["colour"][idx].astype(int) * (len(SHAPES) + 1) + self.train["shape"][idx]
+        background = len(COLOURS) * (len(SHAPES) + 1) + len(SHAPES)
+        return [object_labels(b, background) for b in binding]
 
     @property
     def _special_ids(self) -> tuple[int, int]:

@@ -116,13 +116,14 @@ def test_order_visits_every_sample_once_per_epoch():
 
 @pytest.fixture(scope="module")
 def subset_run(tmp_path_factory, runs):
-    """A fine-tuning recipe in the bundled_subsets shape on the tiny model: starts from the straight run's export,
-    skips stage 1, and reads token subsets in 3 of 4 sequences."""
+    """A fine-tuning recipe in the bundled_subsets / bundled_objects shape on the tiny model: starts from the
+    straight run's export, skips stage 1, and reads token subsets of every shape in 3 of 4 sequences."""
     init = runs[0] / "hf"
     if not init.exists():
         T.Run(RECIPE, runs[0], workers=1).run(until="export")
     recipe = dataclasses.replace(RECIPE, init=str(init), stages=(
-        T.Stage(0, 8, 3e-3, 0), dataclasses.replace(RECIPE.stages[1], subsets=0.75, min_tokens=2)))
+        T.Stage(0, 8, 3e-3, 0), dataclasses.replace(RECIPE.stages[1], subsets=0.75, min_tokens=2,
+                                                       subset_shapes=("uniform", "regions", "objects"))))
     out = tmp_path_factory.mktemp("subsets")
     run = T.Run(recipe, out, workers=1)
     return run, init
