@@ -1,6 +1,11 @@
 """Speed of ours (JAX, jitted) against transformers PyTorch, same random weights and inputs: one table of ratios.
 
-    python -m svdprune_jax.benchmarks.run [--smoke] [--out DIR] [--reps N]
+    python -m svdprune_jax.benchmarks.run [--smoke] [--geometry llava-1.5-7b llava-next-7b] [--out DIR]
+                                          [--reps N]
+
+--geometry picks the sections (default llava-1.5-7b, this file; --smoke: both): llava-next-7b is run_next.py's
+(LLaVA-NeXT-7B, 5 views, 2,880 image tokens, unpruned and k = 320/160/64, bench-next.md), on this file's models,
+timing and table.
 
 Items (issue 7): 1 token scoring at LLaVA-1.5 geometry (576 x 1024), 2 end-to-end pruned generation (one image + a
 20-token question -> 16 new tokens; unpruned and k = 64, 32, 16) with its stages, 3 language-model prefill against

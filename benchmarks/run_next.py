@@ -28,7 +28,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from svdprune_jax.benchmarks import run as bench
-from svdprune_jax.benchmarks.run import Inputs, Preset, Suite, hf_model, ours_from, prefill_flops, text_config, vision_config
+from svdprune_jax.benchmarks.run import (Inputs, Preset, Suite, hf_model, ours_from, prefill_flops, text_config,
+                                         vision_config)
 from svdprune_jax.benchmarks.scoring import leverage_torch
 from svdprune_jax.benchmarks.timing import Stat, load
 from svdprune_jax.models.generate import Decoding, bucket_length, generate
