@@ -23,7 +23,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="timed runs per figure (default 5, llava-next-7b 3; smoke 1)")
     ap.add_argument("--geometry", nargs="+", choices=GEOMETRIES, help="llava-1.5-7b (bench.md: items 1-5, ~30 min) "
                     "and/or llava-next-7b (bench-next.md: 5 views, 2,880 image tokens, unpruned and k=320/160/64, "
-                    "~18 min); default llava-1.5-7b, with --smoke both")
+                    "~10 min); default llava-1.5-7b, with --smoke both")
     ap.add_argument("--compile-probe", choices=("stacked", "per_layer"), help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     return ap
