@@ -1,6 +1,11 @@
 """Speed of ours (JAX, jitted) against transformers PyTorch, same random weights and inputs: one table of ratios.
 
-    python -m svdprune_jax.benchmarks.run [--smoke] [--out DIR] [--reps N]
+    python -m svdprune_jax.benchmarks.run [--smoke] [--geometry llava-1.5-7b llava-next-7b] [--out DIR]
+                                          [--reps N]
+
+--geometry picks the sections (default llava-1.5-7b, this file; --smoke: both): llava-next-7b is run_next.py's
+(LLaVA-NeXT-7B, 5 views, 2,880 image tokens, unpruned and k = 320/160/64, bench-next.md), on this file's models,
+timing and table.
 
 Items (issue 7): 1 token scoring at LLaVA-1.5 geometry (576 x 1024), 2 end-to-end pruned generation (one image + a
 20-token question -> 16 new tokens; unpruned and k = 64, 32, 16) with its stages, 3 language-model prefill against
@@ -41,11 +46,11 @@ import numpy as np
 import torch
 from flax import nnx
 from transformers import LlavaConfig as HFConfig
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 import svdprune_jax.convert as convert
 import svdprune_jax as sp
-from svdprune_jax.benchmarks import main
+from svdprune_jax.benchmarks import GEOMETRIES, main
 from svdprune_jax.benchmarks.scoring import leverage64, leverage_torch
 from svdprune_jax.benchmarks.timing import Compiles, PeakRSS, Stat, interleaved, load
 from svdprune_jax.models.cache import KVCache
@@ -69,6 +74,8 @@ class Preset:
     bucket: int = 16  # prompt padding multiple (generate's default 64 pads k=64's 85 tokens to 128)
     k_main: int = 32  # the budget of the targets, the batch scaling and the per-layer figures
     scoring_batch: int = 8
+    pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT (run_next.py): image_grid_pinpoints
+    image_hw: tuple[int, int] = (0, 0)  # LLaVA-NeXT: the image size (H, W) every run's image has
 
 
 def text_config(hidden, intermediate, layers, heads, vocab) -> dict:
@@ -96,14 +103,20 @@ SMOKE = Preset("smoke (tiny)", vision_config(32, 64, 3, 4, 28, 7), text_config(3
 
 # ---------------------------------------------------------------- models and inputs
 
-def hf_config(preset: Preset) -> HFConfig:
-    return HFConfig(vision_config=preset.vision, text_config=preset.text, image_token_index=preset.image_token_id,
-                    vision_feature_layer=-2, vision_feature_select_strategy="default")
+def hf_config(preset: Preset) -> HFConfig | LlavaNextConfig:
+    kw = dict(vision_config=preset.vision, text_config=preset.text, image_token_index=preset.image_token_id,
+              vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if preset.pinpoints is not None:
+        return LlavaNextConfig(**kw, image_grid_pinpoints=[list(p) for p in preset.pinpoints])
+    return HFConfig(**kw)
 
 
-def hf_model(preset: Preset) -> LlavaForConditionalGeneration:
+def hf_model(preset: Preset) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """transformers' model of the preset, its own random init (torch seed 0): LLaVA, or LLaVA-NeXT when the
+    preset has pinpoints."""
     torch.manual_seed(0)
-    hf = LlavaForConditionalGeneration(hf_config(preset)).eval()
+    cls = LlavaForConditionalGeneration if preset.pinpoints is None else LlavaNextForConditionalGeneration
+    hf = cls(hf_config(preset)).eval()
     hf.generation_config.eos_token_id = None  # always 16 new tokens, as ours with eos_token_id=None
     hf.generation_config.pad_token_id = 0
     return hf
@@ -617,12 +630,25 @@ def _targets(suite: Suite, prefill_rows: dict) -> list[dict]:
 # ---------------------------------------------------------------- entry
 
 def run(args: argparse.Namespace) -> int:
-    """The benchmark for `svdprune_jax.benchmarks.parser`'s arguments."""
+    """The benchmark for `svdprune_jax.benchmarks.parser`'s arguments: each geometry asked for (default: LLaVA-1.5
+    only; --smoke both), one after the other in this process."""
+    geometries = args.geometry or (GEOMETRIES if args.smoke and not args.compile_probe else GEOMETRIES[:1])
+    torch.set_num_threads(os.cpu_count() or 1)
+    for g in geometries:
+        if g == "llava-next-7b":
+            from svdprune_jax.benchmarks import run_next
+            run_next.run(args)
+        else:
+            run_15(args)
+    return 0
+
+
+def run_15(args: argparse.Namespace) -> int:
+    """LLaVA-1.5-7B geometry: items 1-5, bench.md / bench.json."""
     preset = SMOKE if args.smoke else FULL
     if args.compile_probe:
         print(json.dumps(compile_probe(preset, args.compile_probe, args.cache)))
         return 0
-    torch.set_num_threads(os.cpu_count() or 1)
     suite = Suite(preset, args.reps or preset.reps)
     t0 = time.perf_counter()
     hf = hf_model(preset)
@@ -645,13 +671,16 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         step()
         print(f"  {name}: {time.perf_counter() - t:.0f} s, load {load()}", flush=True)
-    machine = dict(cpu=_cpu(), cores=os.cpu_count(), platform=platform.platform(), python=platform.python_version())
-    md, data = report(suite, cfg, machine)
+    md, data = report(suite, cfg, machine())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(md)
     (args.out / "bench.json").write_text(json.dumps(data, indent=1, default=str))
     print(md)
     return 0
+
+
+def machine() -> dict:
+    return dict(cpu=_cpu(), cores=os.cpu_count(), platform=platform.platform(), python=platform.python_version())
 
 
 def _cpu() -> str:

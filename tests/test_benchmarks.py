@@ -34,3 +34,18 @@ def test_tower_profile_smoke(tmp_path):
     assert all(p[side]["median"] > 0 for p in data["parts"].values() for side in ("ours", "torch"))
     assert sum(k["what"].startswith("GEMM") for k in data["kernels"]) >= 4  # q, k, v, out, fc1, fc2 at least in part
     assert "| attention core | 1 |" in (tmp_path / "tower_profile.md").read_text()
+
+
+def test_next_smoke_writes_its_table(tmp_path):
+    """The LLaVA-NeXT section at tiny size (5 views, 80 image tokens; unpruned and 3 budgets): every row timed on
+    both sides, same tokens, no recompilation, the prefill FLOP shares falling with the budget."""
+    assert run.main(["--smoke", "--geometry", "llava-next-7b", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench-next.json").read_text())
+    assert len(data["rows"]) == 4 * 4  # generate, encode, prefill, decode per token; for each budget
+    assert all(r["ours"]["median"] > 0 and r["ref"]["median"] > 0 for r in data["rows"])
+    assert all(r["tokens_equal"] == 1.0 for r in data["rows"] if "tokens_equal" in r)
+    assert data["recompiles"] == 0
+    shares = [d["flop_share"] for d in data["prefill"].values()]
+    assert shares[0] == 1.0 and shares == sorted(shares, reverse=True)
+    assert "| unpruned | 95 |" in (tmp_path / "bench-next.md").read_text()
+    assert not (tmp_path / "bench.md").exists()  # --geometry picks; the LLaVA-1.5 section did not run
