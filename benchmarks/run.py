@@ -246,11 +246,16 @@ def _layer_params(t) -> int:
     return D * q + 2 * D * kv + q * D + 3 * D * F
 
 
+def attention_flops(cfg: LlavaConfig, T: int) -> float:
+    """The dense T x T attention of every decoder layer (scores and weighted sum), as computed."""
+    t = cfg.text
+    return t.num_hidden_layers * 4 * T * T * t.num_attention_heads * t.head_dim
+
+
 def prefill_flops(cfg: LlavaConfig, T: int) -> float:
     """Decoder layers over T tokens (dense T x T attention, as computed) + the LM head on the last one."""
     t = cfg.text
-    return t.num_hidden_layers * (2 * T * _layer_params(t) + 4 * T * T * t.num_attention_heads * t.head_dim) \
-        + 2 * t.hidden_size * t.vocab_size
+    return t.num_hidden_layers * 2 * T * _layer_params(t) + attention_flops(cfg, T) + 2 * t.hidden_size * t.vocab_size
 
 
 def decode_bytes(cfg: LlavaConfig, slots: int) -> float:
@@ -516,6 +521,11 @@ def _ratio(row) -> tuple[float, float, float] | None:
     return o.median / r.median, o.lo / r.hi, o.hi / r.lo
 
 
+def rows_json(rows) -> list[dict]:
+    """The table's rows for bench.json: Stats as dicts, each row's ratio beside."""
+    return [{k: (v.json() if isinstance(v, Stat) else v) for k, v in r.items()} | {"ratio": _ratio(r)} for r in rows]
+
+
 def table(rows) -> list[str]:
     head = "| item | case | ours median (min-max) | reference median (min-max) | ours / ref (range) | notes |"
     lines = [head, "|---|---|---|---|---|---|"]
@@ -599,8 +609,7 @@ def report(suite: Suite, cfg: LlavaConfig, machine: dict) -> tuple[str, dict]:
         md += ["", f"Compile: {suite.extra['compile']['program']}, fresh process, from shapes: " + ", ".join(
             f"{n} {r['seconds']:.1f} s" for n, r in suite.extra["compile"]["seconds"].items())]
     data = dict(preset=dataclasses.asdict(p), machine=machine, reps=suite.reps,
-                rows=[{k: (v.json() if isinstance(v, Stat) else v) for k, v in r.items()} | {"ratio": _ratio(r)}
-                      for r in suite.rows],
+                rows=rows_json(suite.rows),
                 fractions=fr, prefill=prefill_rows, prefill_weight_floor_s=floor, targets=targets, **suite.extra)
     return "\n".join(md) + "\n", data
 

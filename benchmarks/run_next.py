@@ -169,7 +169,6 @@ def report(suite: Suite, cfg: LlavaNextConfig) -> tuple[str, dict]:
           "cores when the row was measured. Ratios < 1: ours faster.", ""] + bench.table(suite.rows)
     base = suite.stages[None]
     f0 = prefill_flops(cfg, base["T"])
-    attn = lambda T: t.num_hidden_layers * 4 * T * T * t.num_attention_heads * t.head_dim
     md += ["", "### Prefill against its FLOP-ideal share of the unpruned prefill",
            f"FLOPs: {t.num_hidden_layers} decoder layers over T tokens (weights 2T x params, dense attention "
            "4 T^2 x width per layer) + the LM head on the last token; ours runs the bucketed length.", "",
@@ -181,16 +180,15 @@ def report(suite: Suite, cfg: LlavaNextConfig) -> tuple[str, dict]:
         ideal = fl / f0
         ro = d["ours"]["prefill"].median / base["ours"]["prefill"].median
         rt = d["torch"]["prefill"].median / base["torch"]["prefill"].median
-        rows["unpruned" if k is None else k] = dict(tokens=d["T"], gflop=fl / 1e9, attention_share=attn(d["T"]) / fl,
+        rows["unpruned" if k is None else k] = dict(tokens=d["T"], gflop=fl / 1e9, attention_share=bench.attention_flops(cfg, d["T"]) / fl,
                                                     flop_share=ideal, ours_share=ro, torch_share=rt)
-        md.append(f"| {'unpruned' if k is None else f'k={k}'} | {d['T']} | {fl / 1e9:.4g} ({attn(d['T']) / fl:.1%}) | "
+        md.append(f"| {'unpruned' if k is None else f'k={k}'} | {d['T']} | {fl / 1e9:.4g} ({bench.attention_flops(cfg, d['T']) / fl:.1%}) | "
                   f"{ideal:.3f} | {bench._fmt(d['ours']['prefill'])} | {ro:.3f} | {ro / ideal:.2f} | "
                   f"{bench._fmt(d['torch']['prefill'])} | {rt:.3f} | {rt / ideal:.2f} |")
     recompiles = sum(row.get("recompiles") or 0 for row in suite.rows)
     md += ["", f"Compilations during the timed runs: {recompiles}."]
     data = dict(preset=dataclasses.asdict(p), machine=bench.machine(), reps=suite.reps,
-                rows=[{k: (v.json() if isinstance(v, Stat) else v) for k, v in r.items()} | {"ratio": bench._ratio(r)}
-                      for r in suite.rows], prefill=rows, recompiles=recompiles)
+                rows=bench.rows_json(suite.rows), prefill=rows, recompiles=recompiles)
     return "\n".join(md) + "\n", data
 
 
