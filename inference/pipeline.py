@@ -159,9 +159,6 @@ class Pipeline:
             slots = pixels.lengths
         ids, mask = left_pad([expand(p, self.config.image_token_id, int(n)) for p, n in zip(prompts, slots)],
                              self.tokenizer.pad_token_id or 0)
-        if ids.shape[1] + max_new_tokens > self.config.text.context:
-            raise ValueError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the context "
-                             f"of {self.config.text.context}")
         if method == "random" and key is None:
             key = jax.random.key(0)
         out = generate(self.graphdef, self.state, pixels, ids, mask,
