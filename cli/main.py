@@ -208,10 +208,12 @@ def main(argv: Sequence[str] | None = None):
     try:
         initialize_distributed(args)
         runtime.enable_compilation_cache()
+        # nothing returned: the console script exits with main()'s value, and a command's result (eval's rows,
+        # for Python callers of its module) is not an exit status
         if delegated:
-            module = importlib.import_module(DELEGATED[args.command][0])
-            return module.main(argv[at + 1:], prog=f"svdprune-jax {args.command}")
-        return args.fn(args)
+            importlib.import_module(DELEGATED[args.command][0]).main(argv[at + 1:], prog=f"svdprune-jax {args.command}")
+        else:
+            args.fn(args)
     except runtime.EXPECTED as e:  # bad input or an unusable file: one clear line, no traceback
         if runtime.interrupted():  # a library turned the interrupt into its own error
             sys.exit(f"svdprune-jax {args.command}: interrupted")

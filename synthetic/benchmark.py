@@ -14,8 +14,10 @@ given. Alongside accuracy:
   (VisionZip: its dominant tokens and the anchors of its merged tokens). FastV prunes inside the language
   model and has none;
 - `random` over several seeds (default 5), reported as mean and standard deviation over the seeds;
-- `oracle`: the asked object's patches first (most covered first), then other patches in a fixed random order,
-  handed to the model as per-image scores: the ceiling for a selector that knew the question;
+- `oracle`: the evidence the answer needs first, then other patches in a fixed random order, handed to the
+  model as per-image scores: the ceiling for a selector that knew the question and the scene. The evidence is
+  the asked object's patches (most covered first), except for counting questions: one patch per object, the
+  counted ones first (`samples.object_points`);
 - at each budget, the exact McNemar test between every `svd` spec and the most accurate other method that is
   not the oracle (`random`: its seed-0 answers, the pairing a McNemar test needs);
 - mean kept image tokens and wall time per question (compilation excluded: each compiled shape is run once
@@ -76,6 +78,7 @@ class TestSet:
     families: np.ndarray  # (n,) str
     mask: Bool[np.ndarray, "n N"]  # the asked object's patches, row-major; all False when none is asked about
     coverage: Float[np.ndarray, "n N"]  # share of each patch the asked object covers
+    points: Int[np.ndarray, "n N"]  # counting questions' one patch per object (samples.object_points)
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -143,14 +146,19 @@ def load_test_set(n: int, scene: SceneConfig, split: str = "test") -> TestSet:
     samples = [make_sample(seed, scene) for seed in tqdm(split_seeds(split, n), desc=f"{split} images", unit="image")]
     return TestSet([s.seed for s in samples], [Image.fromarray(s.image) for s in samples],
                    [s.question for s in samples], [s.answer for s in samples], np.array([s.family for s in samples]),
-                   np.stack([s.mask.ravel() for s in samples]), np.stack([s.coverage.ravel() for s in samples]))
+                   np.stack([s.mask.ravel() for s in samples]), np.stack([s.coverage.ravel() for s in samples]),
+                   np.stack([s.points.ravel() for s in samples]))
 
 
-def oracle_scores(mask: Bool[np.ndarray, "n N"], coverage: Float[np.ndarray, "n N"]) -> Float[np.ndarray, "n N"]:
-    """Scores whose top k are the asked object's patches, most covered first, then other patches in a random
-    order (fixed: row i is the same for any n > i)."""
-    fill = np.random.default_rng(0).random(mask.shape)  # in [0, 1): below every object patch's 1 + coverage
-    return np.where(mask, 1 + coverage, fill).astype(np.float32)
+def oracle_scores(mask: Bool[np.ndarray, "n N"], coverage: Float[np.ndarray, "n N"], points: Int[np.ndarray, "n N"]
+                  ) -> Float[np.ndarray, "n N"]:
+    """Scores whose top k are the evidence each answer needs, then other patches in a random order (fixed: row i
+    is the same for any n > i): the asked object's patches, most covered first; for a row with `points` (a
+    counting question), its counted objects' points, then the other objects' (`samples.object_points`)."""
+    fill = np.random.default_rng(0).random(mask.shape)  # in [0, 1): below every evidence patch's score
+    counting = points.any(1, keepdims=True)
+    return np.where(counting, np.where(points > 0, 1 + points, fill), np.where(mask, 1 + coverage, fill)
+                    ).astype(np.float32)
 
 
 def object_recall(kept: Sequence[Sequence[int]], mask: Bool[np.ndarray, "n N"]) -> Float[np.ndarray, "n"]:
@@ -201,7 +209,7 @@ def evaluate_run(pipe: Pipeline, test: TestSet, spec: MethodSpec, budget: str, k
     tokens = (adaptive_tokens(pipe, test, spec, keep, batch=batch, clock=clock) if spec.adaptive is not None
               else np.full(n, keep))
     fixed = spec.fixed() if spec.adaptive is not None else spec
-    scores = oracle_scores(test.mask, test.coverage) if spec.method == ORACLE else None
+    scores = oracle_scores(test.mask, test.coverage, test.points) if spec.method == ORACLE else None
     texts, kept, stopped = np.empty(n, object), [None] * n, np.zeros(n, bool)
     eos = pipe.tokenizer.eos_token_id
     groups = [g for k in np.unique(tokens) for g in _batches(np.flatnonzero(tokens == k), batch)]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from jaxtyping import Bool, Float32, Int32, UInt8
+from jaxtyping import Bool, Float32, Int8, Int32, UInt8
 from PIL import Image
 
 from svdprune_jax.synthetic.scene import (COLOURS, GLYPH_SHAPES, GLYPHS, MIN_COVERAGE, MIN_GLYPH_COVERAGE, QUADRANTS, SHAPES, Scene,
@@ -52,6 +52,7 @@ class Sample:
     image: UInt8[np.ndarray, "H W 3"]
     coverage: Float32[np.ndarray, "g g"]  # share of each patch covered by the asked object(s)
     mask: Bool[np.ndarray, "g g"]  # coverage >= MIN_COVERAGE; all False when nothing is asked about (presence "no")
+    points: Int8[np.ndarray, "g g"]  # counting questions' evidence, see object_points
     targets: dict[str, Int32[np.ndarray, "..."]]  # dense stage-1 targets, see dense_targets
     scene: Scene
     asked: tuple[int, ...]  # indices into scene.objects of the object(s) the question is about
@@ -97,7 +98,21 @@ def make_sample(seed: int, cfg: SceneConfig = SceneConfig()) -> Sample:
     cover = _object_coverage(scene, cfg)
     coverage = cover[:n_asked].sum(0)
     return Sample(seed, family, question, answer, render(scene), coverage, coverage >= MIN_COVERAGE,
+                  object_points(cover, n_asked) if family == "count" else np.zeros_like(coverage, np.int8),
                   dense_targets(scene, cfg), scene, tuple(range(n_asked)))
+
+
+def object_points(cover: Float32[np.ndarray, "K g g"], n_asked: int) -> Int8[np.ndarray, "g g"]:
+    """One patch per object of the scene, the one it covers most: 2 on the first `n_asked` (the counted) objects',
+    1 on every other object's, 0 elsewhere. The evidence a count needs: each counted object once, among the
+    others. More patches of a counted object are no more evidence, and the shipped reader counts kept tokens of
+    the asked kind, so they read as more objects (docs/results.md)."""
+    k, g, _ = cover.shape
+    points = np.zeros(g * g, np.int8)
+    best = cover.reshape(k, -1).argmax(1)
+    points[best[n_asked:]] = 1
+    points[best[:n_asked]] = 2  # after the others: a patch two objects share most counts for the counted one
+    return points.reshape(g, g)
 
 
 def _seed_objects(seed: int) -> tuple[np.random.Generator, list[SceneObject], int, str]:

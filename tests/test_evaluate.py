@@ -16,6 +16,7 @@ from PIL import Image
 
 from svdprune_jax.synthetic import benchmark as eval_synthetic
 from svdprune_jax.cli import evaluate
+from svdprune_jax.cli import main as cli
 from svdprune_jax.synthetic.bundled import MODEL_DIR, SCENES
 from svdprune_jax.evaluation.harness import read_results, results_path
 from svdprune_jax.inference.methods import parse
@@ -55,11 +56,22 @@ def test_object_recall_hand_checked():
 def test_oracle_keeps_the_object_first_most_covered_first():
     mask = np.array([[0, 1, 1, 0, 1, 0]], bool)
     coverage = np.array([[0.1, 0.5, 0.9, 0.2, 0.3, 0.0]], np.float32)  # 0.1 and 0.2: below MIN_COVERAGE
-    order = np.argsort(-eval_synthetic.oracle_scores(mask, coverage)[0], kind="stable")
+    none = np.zeros(mask.shape, np.int8)
+    order = np.argsort(-eval_synthetic.oracle_scores(mask, coverage, none)[0], kind="stable")
     assert order[:3].tolist() == [2, 1, 4]
     # the rest in a fixed random order, the same row whatever the number of questions
-    many = eval_synthetic.oracle_scores(np.repeat(mask, 5, 0), np.repeat(coverage, 5, 0))
-    np.testing.assert_array_equal(many[0], eval_synthetic.oracle_scores(mask, coverage)[0])
+    many = eval_synthetic.oracle_scores(*(np.repeat(a, 5, 0) for a in (mask, coverage, none)))
+    np.testing.assert_array_equal(many[0], eval_synthetic.oracle_scores(mask, coverage, none)[0])
+
+
+def test_oracle_keeps_one_point_per_object_on_counting_questions():
+    # row 0 a counting question (points), row 1 not: the mask is ignored where a row has points
+    mask = np.array([[1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0]], bool)
+    coverage = np.where(mask, 0.9, 0.0).astype(np.float32)
+    points = np.array([[0, 2, 0, 1, 2, 0], [0, 0, 0, 0, 0, 0]], np.int8)
+    order = np.argsort(-eval_synthetic.oracle_scores(mask, coverage, points), axis=1, kind="stable")
+    assert sorted(order[0, :2]) == [1, 4] and order[0, 2] == 3  # counted objects' points, then the others'
+    assert sorted(order[1, :2]) == [1, 2]
 
 
 @pytest.mark.parametrize("spec, k", [("100%", 100), ("50%", 50), ("25%", 25), ("64/576", 11), ("16/576", 3),
@@ -135,7 +147,12 @@ def test_sweep_bookkeeping():
     asked = test.mask.any(1)
     assert rows[1]["recall"] == pytest.approx(np.mean((test.mask & first).sum(1)[asked] / test.mask.sum(1)[asked]))
     assert rows[2]["recall"] is None and rows[0]["recall"] is None  # no kept patches before the LLM
-    assert rows[3]["recall"] == 1.0  # 50 tokens hold every asked object of these scenes
+    # the oracle's 50 best-scored patches hold every asked object of these scenes, except on counting questions
+    # (one patch per object, then random patches)
+    top = np.argsort(-eval_synthetic.oracle_scores(test.mask, test.coverage, test.points), 1, kind="stable")[:, :50]
+    share = np.take_along_axis(test.mask, top, 1).sum(1)[asked] / test.mask.sum(1)[asked]
+    assert (share[test.families[asked] != "count"] == 1).all() and (share[test.families[asked] == "count"] < 1).all()
+    assert rows[3]["recall"] == pytest.approx(share.mean())
     assert all(r["mean_keep"] == r["keep"] and r["ms_per_question"] >= 0 for r in rows)
     assert all(r["ci_low"] <= r["accuracy"] <= r["ci_high"] for r in rows)
 
@@ -193,8 +210,11 @@ def test_eval_synthetic_end_to_end(model_dir, tmp_path, capsys):
     """An adaptive spec on the projector's output, the oracle and random (2 seeds) at 3 of 100 tokens: tables,
     intervals, the paired test, CSV/JSON, the Pareto plot and the kept-token grid."""
     out, adaptive = tmp_path / "syn", "svd:adaptive=0.9:matrix=projector"
-    evaluate.main(["synthetic", "--model", str(model_dir), "--n", "6", "--methods", f"{adaptive},oracle,random",
-                   "--budgets", "16/576", "--seeds", "2", "--resamples", "200", "--out", str(out), *RUN])
+    # through the console script's main: its return value is the process's exit status (sys.exit(main()))
+    status = cli.main(["eval", "synthetic", "--model", str(model_dir), "--n", "6", "--methods",
+                       f"{adaptive},oracle,random", "--budgets", "16/576", "--seeds", "2", "--resamples", "200",
+                       "--out", str(out), *RUN])
+    assert status is None
     printed = capsys.readouterr().out
     assert "accuracy % [95% CI]" in printed and "object recall" in printed and "16/576 (3)" in printed
     assert f"{adaptive} vs random: p = " in printed and "ms per question" in printed
@@ -210,10 +230,12 @@ def test_eval_synthetic_end_to_end(model_dir, tmp_path, capsys):
     assert 1 <= float(by[adaptive]["mean_keep"]) <= 3 and by[adaptive]["adaptive"] == "0.9"
     assert by[adaptive]["mcnemar_vs"] == "random" and 0 < float(by[adaptive]["mcnemar_p"]) <= 1
     assert by["random"]["mcnemar_p"] == "" and float(by["oracle"]["mean_keep"]) == 3
-    masks = [make_sample(seed, SCENE).mask.ravel() for seed in split_seeds("test", 6)]
-    sizes = np.array([m.sum() for m in masks if m.any()])
-    assert by["full"]["recall"] == ""
-    assert float(by["oracle"]["recall"]) == pytest.approx(np.mean(np.minimum(1, 3 / sizes)))
+    test = eval_synthetic.load_test_set(6, SCENE)
+    top = np.argsort(-eval_synthetic.oracle_scores(test.mask, test.coverage, test.points), 1, kind="stable")[:, :3]
+    asked = test.mask.any(1)
+    assert by["full"]["recall"] == ""  # the oracle's recall: its 3 best-scored patches, the asked object's share
+    assert float(by["oracle"]["recall"]) == pytest.approx(np.mean(
+        np.take_along_axis(test.mask, top, 1).sum(1)[asked] / test.mask.sum(1)[asked]))
     assert 0 <= float(by[adaptive]["recall"]) <= 1
     doc = json.loads((out / "synthetic.json").read_text())
     assert doc["n"] == 6 and doc["image_tokens"] == 100 and doc["budgets"] == {"16/576": 3}

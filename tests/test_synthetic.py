@@ -183,6 +183,22 @@ def test_masks_match_the_drawn_objects(samples):
         assert s.targets["counts"].sum() == len(s.scene.objects)
 
 
+def test_counting_points_are_one_patch_of_each_object(samples):
+    """Counting questions' oracle evidence: as many points as the answer on the counted objects, one on every
+    other object, each on a patch its object is drawn on; no points for other families."""
+    counts = [s for s in samples if s.family == "count"]
+    assert counts and all(not s.points.any() for s in samples if s.family != "count")
+    for s in counts:
+        assert (s.points == 2).sum() == int(s.answer) == len(s.asked)
+        assert (s.points == 1).sum() == len(s.scene.objects) - len(s.asked)
+        for i, o in enumerate(s.scene.objects):
+            alone = render(dataclasses.replace(s.scene, objects=(o,)))
+            empty = render(dataclasses.replace(s.scene, objects=()))
+            drawn = np.any(alone != empty, -1).reshape(CFG.grid, CFG.patch_size, CFG.grid, CFG.patch_size).mean((1, 3))
+            mine = drawn * (s.points == (2 if i in s.asked else 1))
+            assert mine.max() >= 0.5, f"seed {s.seed}: object {i} has no point on it"
+
+
 def test_the_answer_glyph_is_drawn(samples):
     for s in (s for s in samples if s.family == "read"):
         o = s.scene.objects[s.asked[0]]
