@@ -132,7 +132,8 @@ def vqa_main(name: str, argv: Sequence[str]) -> list[eval_harness.Row]:
                          f"{vqa_data.ROSETTA_OCR}); pass --no-ocr to evaluate without them")
     questions = args.data / vqa_data.LAYOUTS[name][vqa_data.detect(name, args.data)][0]
     settings = dict(data=str(args.data.resolve()), questions_sha256=vqa_data.fingerprint(questions),
-                    model=str(args.model.resolve()), prompt_template=template, pad_square=protocol.pad_square,
+                    model=str(args.model.resolve()),
+                    weights=eval_harness.weights_fingerprint(args.model), prompt_template=template, pad_square=protocol.pad_square,
                     ocr=protocol.ocr, instruction=protocol.instruction, max_new_tokens=args.max_new_tokens,
                     convert_rgb=args.convert_rgb)
     if out.is_dir():  # refused before the model loads

@@ -8,6 +8,7 @@ over the dataset's current samples only (lines for other ids, e.g. from a larger
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -69,6 +70,15 @@ def read_results(path: Path) -> dict[str, dict]:
             raise ValueError(f"{path}:{n}: duplicate question id {rec['qid']!r}")
         results[rec["qid"]] = rec
     return results
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A hash of the names, sizes and modification times of a model directory's files: answers made before the
+    model was retrained or re-exported in place are not taken for its own (hashing a 7B checkpoint's contents
+    would take minutes at every resume)."""
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:

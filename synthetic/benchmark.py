@@ -53,13 +53,15 @@ from svdprune_jax.inference.methods import MethodSpec, parse, parse_list
 from svdprune_jax.inference.pictures import accuracy_plot, kept_grid
 from svdprune_jax.inference.pipeline import GIVEN, Pipeline
 from svdprune_jax.synthetic.scene import SceneConfig
-from svdprune_jax.evaluation.harness import check_settings, drop_incomplete_tail
+from svdprune_jax.evaluation.harness import check_settings, drop_incomplete_tail, weights_fingerprint
 from svdprune_jax.evaluation.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
 from svdprune_jax.synthetic.samples import ANSWERS, FAMILIES, make_sample, split_seeds
 from svdprune_jax.models import sharding
 from svdprune_jax.models.clip import CLIPVisionConfig
 
 ORACLE = "oracle"
+# what the oracle keeps, in the recorded settings: answers of an earlier oracle are not resumed as this one's
+ORACLE_EVIDENCE = "the asked object's patches; counting questions: one patch per object, the counted first"
 FULL = names.FULL
 RECALLED = (*names.METHODS, ORACLE)  # selectors that keep patches before the language model
 METHODS = (*names.METHODS, names.FASTV, ORACLE)
@@ -452,7 +454,8 @@ def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = ME
     if mesh is not None:
         sharding.check_batch(min(batch, n), mesh)
     out, write = Path(out), jax.process_index() == 0
-    settings = dict(model=str(Path(model_dir).resolve()), split=split, n=n, batch=batch, max_new_tokens=max_new_tokens)
+    settings = dict(model=str(Path(model_dir).resolve()), weights=weights_fingerprint(model_dir), split=split, n=n,
+                    batch=batch, max_new_tokens=max_new_tokens, oracle=ORACLE_EVIDENCE)
     if write:  # before any work: an unusable --out, or one holding answers of other settings, is refused
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out, settings)
