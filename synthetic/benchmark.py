@@ -54,8 +54,10 @@ from svdprune_jax.synthetic.scene import SceneConfig
 from svdprune_jax.evaluation.harness import check_settings, drop_incomplete_tail
 from svdprune_jax.evaluation.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
 from svdprune_jax.synthetic.samples import ANSWERS, FAMILIES, make_sample, split_seeds
+from svdprune_jax.convert.hf_config import read_config
 from svdprune_jax.models import sharding
 from svdprune_jax.models.clip import CLIPVisionConfig
+from svdprune_jax.models.llava_next import LlavaNextConfig
 
 ORACLE = "oracle"
 FULL = names.FULL
@@ -259,10 +261,6 @@ def read_runs(path: Path, test: TestSet) -> dict[tuple[str, str, int], Run]:
 def check(pipe: Pipeline, methods: Sequence[str], budgets: Sequence[str]) -> tuple[list[MethodSpec], dict[str, int]]:
     """The parsed method specs and the tokens kept per budget, after checking every spec at every budget
     against the model (before any work)."""
-    if pipe.is_next:  # else the token count check in `sweep` would refuse it, naming the wrong cause
-        raise ValueError("eval synthetic takes LLaVA-1.5 models only: its questions' object masks, oracle, recall "
-                         "and kept-token grid are patches of one square view, and LLaVA-NeXT reads several views of "
-                         "each image (eval gqa / textvqa run it)")
     specs = parse_list(methods, METHODS)
     if len(set(budgets)) != len(budgets):
         raise ValueError(f"budgets {list(budgets)}: each once")
@@ -447,6 +445,11 @@ def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = ME
         raise ValueError(f"seeds {seeds}, batch {batch} and max_new_tokens {max_new_tokens} must be >= 1")
     if mesh is not None:
         sharding.check_batch(min(batch, n), mesh)
+    # before the model loads; `sweep` would refuse it later by a token-count mismatch, naming the wrong cause
+    if isinstance(read_config(model_dir), LlavaNextConfig):
+        raise ValueError("eval synthetic takes LLaVA-1.5 models only: its questions' object masks, oracle, recall "
+                         "and kept-token grid are patches of one square view, and LLaVA-NeXT reads several views of "
+                         "each image (eval gqa / textvqa run it)")
     out, write = Path(out), jax.process_index() == 0
     settings = dict(model=str(Path(model_dir).resolve()), split=split, n=n, batch=batch, max_new_tokens=max_new_tokens)
     if write:  # before any work: an unusable --out, or one holding answers of other settings, is refused

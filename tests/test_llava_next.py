@@ -470,11 +470,12 @@ def test_eval_gqa_on_a_next_directory(next_dir, tmp_path):
 
 def test_eval_synthetic_refuses_a_next_directory_in_one_line(next_dir, tmp_path):
     """The synthetic benchmark (its masks, oracle, recall and kept-token grid) is one view's patches: a NeXT model is
-    refused, saying so, rather than by a token-count mismatch."""
+    refused, saying so, before it loads and before --out is made, rather than by a token-count mismatch."""
     _, d = next_dir
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "synthetic", "--model", str(d), "--n", "2", "--budgets", "20", "--out", str(tmp_path / "s")])
     assert "\n" not in e.value.code and "eval synthetic takes LLaVA-1.5 models only" in e.value.code
+    assert not (tmp_path / "s").exists()
 
 
 def test_given_scores_keep_the_highest_image_tokens(base):
