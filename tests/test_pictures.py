@@ -15,6 +15,7 @@ from svdprune_jax.inference.pictures import OUTLINE, CropGeometry, anyres_overla
 from svdprune_jax.models import anyres
 from svdprune_jax.models.llava_next import PINPOINTS
 from svdprune_jax.synthetic.bundled import MODEL_DIR
+from tiny_hf import TINY_PINPOINTS
 
 IMAGE_SIZE, PATCH, SCALE = 112, 8, 4  # the bundled model's geometry: a 14 x 14 grid
 GRID = IMAGE_SIZE // PATCH
@@ -125,7 +126,7 @@ def test_run_with_fastv_writes_no_picture_and_says_why(tmp_path, capsys):
 
 # --- LLaVA-NeXT: two panels over the original image -----------------------------------------------------------------
 
-TINY = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))  # tests/tiny_hf.py's: 32 px tiles of 4 x 4 patches
+TINY = TINY_PINPOINTS  # the tiny NeXT models': 32 px tiles of 4 x 4 patches
 # (height, width) -> grid: 1x3, 2x1, 2x2, 1x2, 3x1 crops under TINY; at the hub geometry 2x2 (padded above and
 # below), 2x2 (padded left and right), 1x3, 3x1
 NEXT_CASES = [(TINY, 32, 8, size) for size in ((30, 85), (60, 29), (50, 47), (30, 58), (100, 30), (17, 123))] + [
@@ -216,7 +217,7 @@ def test_anyres_picture_lights_the_region_its_kept_tokens_saw(pinpoints, tile, p
                 assert deep.any() and (on == 0).any() and not ((on == 0) & deep).any()
 
 
-@pytest.mark.parametrize("pinpoints, tile, patch, size", NEXT_CASES[:6] + NEXT_CASES[-2:], ids=NEXT_IDS[:6] + NEXT_IDS[-2:])
+@pytest.mark.parametrize("pinpoints, tile, patch, size", NEXT_CASES, ids=NEXT_IDS)
 def test_anyres_panels_light_exactly_the_kept_boxes(pinpoints, tile, patch, size):
     """Pixel for pixel: a panel is lit on the kept tokens' regions scaled to it (the regions checked against the
     processor above), dimmed elsewhere, each kept region framed by a 1 px line inside its edge (at these sizes a
@@ -230,12 +231,11 @@ def test_anyres_panels_light_exactly_the_kept_boxes(pinpoints, tile, patch, size
         on = lit(panel, image)
         want = np.zeros(on.shape, bool)
         frame = np.zeros(on.shape, bool)
-        for t in np.flatnonzero(part):
+        for t in kept[part[kept]]:
             x0, y0, x1, y1 = np.rint(boxes[t] * np.divide(panel.size * 2, (w, h, w, h))).astype(int)
-            if t in kept:
-                want[y0:y1, x0:x1] = True
-                frame[y0:y1, x0:x1] = True
-                frame[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = False
+            want[y0:y1, x0:x1] = True
+            frame[y0:y1, x0:x1] = True
+            frame[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = False
         shown = on >= 0
         np.testing.assert_array_equal(on[shown] == 1, want[shown])
         framed = (np.asarray(panel) == OUTLINE).all(-1)  # a colour the image never holds (no level above 215)
