@@ -30,7 +30,7 @@ def run(args):
 
     from svdprune_jax.inference.images import read_image
     from svdprune_jax.inference.methods import parse
-    from svdprune_jax.inference.pictures import CropGeometry, kept_overlay
+    from svdprune_jax.inference.pictures import kept_picture
     from svdprune_jax.inference.pipeline import METHODS, Pipeline
     from svdprune_jax.models import sharding
     from svdprune_jax.synthetic import bundled
@@ -65,14 +65,11 @@ def run(args):
     full = None if spec.method == "full" else timed_answer(pipe, image, question, "full", None, args.max_new_tokens)
     n = int(pipe.image_token_counts([image])[0])
     kept = pipe.budget(spec, keep)
-    vis = pipe.config.vision
-    # FastV drops tokens inside the language model: every patch reaches its first layers. LLaVA-NeXT's kept tokens
-    # span several views of different scales: no picture yet.
+    # FastV drops tokens inside the language model: every patch reaches its first layers
     overlay = None
-    if spec.method != "fastv" and not pipe.is_next:
+    if spec.method != "fastv":
         overlay = args.out or Path(f"kept_tokens_{args.method}_{kept}.png")
-        kept_overlay(image, ans.kept_indices, vis.image_size, vis.patch_size,
-                     geometry=CropGeometry.of(pipe.processor)).save(overlay)
+        kept_picture(image, ans.kept_indices, pipe.config, pipe.processor).save(overlay)
     if args.json:
         print(json.dumps(dict(answer=ans.text, token_ids=ans.token_ids, prompt_ids=ans.prompt_ids,
                               kept_indices=ans.kept_indices, keep=kept, method=args.method, seconds=seconds,
@@ -94,7 +91,6 @@ def run(args):
         print(f"saved     {(full[2] - seconds) * 1e3:.1f} ms of {full[2] * 1e3:.1f} ms unpruned "
               f"({1 - seconds / full[2]:.0%})")
     print("picture   " + (str(overlay) if overlay is not None else
-                          "none: LLaVA-NeXT's kept tokens span views of several scales" if pipe.is_next else
                           "none: fastv keeps every patch for its first layers, then prunes by the question's attention"))
 
 

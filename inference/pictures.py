@@ -6,6 +6,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from svdprune_jax.models import anyres
+from svdprune_jax.models.llava_next import LlavaNextConfig
+
 OUTLINE = (255, 40, 200)  # kept patches' frame colour: magenta, rare in photographs and in the synthetic scenes
 
 
@@ -66,24 +69,121 @@ def kept_overlay(image: Image.Image, kept: Sequence[int] | None, image_size: int
     """The image as the model sees it (the processor's resize and centre crop, `geometry`; default
     `CropGeometry.square(image_size)`), pruned patches dimmed, kept ones outlined.
 
-    kept: patch indices in row-major grid order (None: all kept)."""
+    kept: patch indices in row-major grid order (None: all kept; ValueError for an index outside the grid)."""
     grid = image_size // patch_size
     seen = (geometry or CropGeometry.square(image_size)).apply(image)
     if seen.size != (image_size, image_size):
         raise ValueError(f"the processor's crop is {seen.size[0]}x{seen.size[1]} px, not the tower's "
                          f"{image_size}x{image_size}: the patch grid would not line up")
     big = seen.resize((image_size * scale, image_size * scale), Image.NEAREST)
-    keep = np.ones(grid * grid, bool) if kept is None else np.isin(np.arange(grid * grid), np.asarray(kept))
-    dim = np.asarray(big, np.float32)
-    cell = patch_size * scale
-    mask = np.kron(keep.reshape(grid, grid), np.ones((cell, cell), bool))
-    dim[~mask] = dim[~mask] * 0.25 + 40
-    out = Image.fromarray(dim.astype(np.uint8))
+    r, c = np.divmod(np.arange(grid * grid), grid)
+    return shade(big, np.stack([c, r, c + 1, r + 1], 1) * (patch_size * scale), keep_mask(kept, grid * grid))
+
+
+def anyres_panels(image: Image.Image, kept: Sequence[int] | None, pinpoints, tile: int, patch_size: int,
+                  scale: int | None = None) -> tuple[Image.Image, Image.Image]:
+    """LLaVA-NeXT's kept tokens on the original image, in two panels of one size: the base view's (a coarse
+    side x side grid over the whole image) and the crops' (the fine grid of the unpadded crops, white lines
+    between crops), pruned tokens dimmed and kept ones outlined. Each token's region is `anyres.patch_boxes`, so
+    wide and tall images map exactly; the strips that unpadding drops (under one token wide) are dimmed as well.
+
+    kept: image-token numbers in packed order (`Answer.kept_indices`; None: all kept). The panels show the image
+    at the size it has on the crops' canvas times `scale` (default: a crop patch at least 12 px), so a fine
+    patch is a whole number of pixels."""
+    image = image.convert("RGB")
+    size = (image.height, image.width)
+    side = tile // patch_size
+    boxes = anyres.patch_boxes(size, pinpoints, tile, side)
+    keep = keep_mask(kept, len(boxes))
+    is_base = anyres.image_tokens(size, pinpoints, tile, side).tokens < side * side
+    scale = scale or -(-12 // patch_size)
+    ph, pw = anyres.best_resolution(size, pinpoints)
+    h, w = anyres.resized_size(size, (ph, pw))
+    shown = image.resize((w * scale, h * scale), Image.BICUBIC)
+    at = boxes * np.array([w / size[1], h / size[0]] * 2) * scale
+    width = 2 if patch_size * scale >= 24 else 1  # a 2 px frame would cover half of a 14 px patch
+    base, crops = (shade(shown, at[part], None if keep is None else keep[part], width) for part in (is_base, ~is_base))
+    draw = ImageDraw.Draw(crops)
+    for i in range(1, ph // tile):  # crop edges on the canvas, less the padding above (left of) the image
+        y = (i * tile - (ph - h) // 2) * scale
+        draw.line([(0, y), (crops.width, y)], fill=(255, 255, 255))
+    for i in range(1, pw // tile):
+        x = (i * tile - (pw - w) // 2) * scale
+        draw.line([(x, 0), (x, crops.height)], fill=(255, 255, 255))
+    return base, crops
+
+
+def anyres_overlay(image: Image.Image, kept: Sequence[int] | None, pinpoints, tile: int, patch_size: int,
+                   scale: int | None = None) -> Image.Image:
+    """`anyres_panels` side by side (stacked for a wide image, so the picture stays near square) under a caption:
+    the tokens kept of each view."""
+    size = (image.height, image.width)
+    side = tile // patch_size
+    tokens = anyres.image_tokens(size, pinpoints, tile, side)
+    view = tokens.tokens // (side * side)
+    keep = keep_mask(kept, len(view))
+    total = np.bincount(view, minlength=tokens.views)
+    kept_of = total if keep is None else np.bincount(view[keep], minlength=tokens.views)
+    (gh, gw), (ph, pw) = tokens.grid, anyres.best_resolution(size, pinpoints)
+    wide = size[1] > size[0]
+    first, second = ("top", "bottom") if wide else ("left", "right")
+    lines = [f"{first}: base view (the whole image at {tile}x{tile}), {kept_of[0]} of {total[0]} tokens kept",
+             f"{second}: {gh}x{gw} crops (the image at {pw}x{ph}, unpadded), {kept_of[1:].sum()} of "
+             f"{total[1:].sum()} kept",
+             "per crop, row by row: " + "  ".join(f"{k}/{n}" for k, n in zip(kept_of[1:], total[1:]))]
+    base, crops = anyres_panels(image, kept, pinpoints, tile, patch_size, scale)
+    gap, line = 8, 14
+    second_at = (0, base.height + gap) if wide else (base.width + gap, 0)
+    draw = ImageDraw.Draw(base)
+    top = line * len(lines) + 6
+    width = max(second_at[0] + crops.width, max(int(draw.textlength(t)) for t in lines) + 8)
+    out = Image.new("RGB", (width, top + second_at[1] + crops.height), (255, 255, 255))
     draw = ImageDraw.Draw(out)
-    for i in np.flatnonzero(keep) if kept is not None else ():
-        r, c = divmod(int(i), grid)
-        draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=OUTLINE, width=2)
+    for i, text in enumerate(lines):
+        draw.text((4, 3 + i * line), text, fill=(0, 0, 0))
+    out.paste(base, (0, top))
+    out.paste(crops, (second_at[0], top + second_at[1]))
     return out
+
+
+def kept_picture(image: Image.Image, kept: Sequence[int] | None, config, processor) -> Image.Image:
+    """The kept-token picture of either model, from its config and image processor: LLaVA-NeXT's two panels
+    (`anyres_overlay`), LLaVA-1.5's processor crop (`kept_overlay`)."""
+    vision = config.vision
+    if isinstance(config, LlavaNextConfig):
+        return anyres_overlay(image, kept, config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+    return kept_overlay(image, kept, vision.image_size, vision.patch_size, geometry=CropGeometry.of(processor))
+
+
+def keep_mask(kept: Sequence[int] | None, n: int) -> np.ndarray | None:
+    """(n,) bool of the kept indices (None: all kept, so nothing to dim or outline). ValueError for an index that
+    is no token of the image."""
+    if kept is None:
+        return None
+    kept = np.asarray(kept, int).ravel()
+    if kept.size and not (0 <= kept.min() and kept.max() < n):
+        raise ValueError(f"kept indices {kept.min()}..{kept.max()} outside the image's {n} tokens")
+    return np.isin(np.arange(n), kept)
+
+
+def shade(picture: Image.Image, boxes: np.ndarray, keep: np.ndarray | None, width: int = 2) -> Image.Image:
+    """`picture` with every pixel outside the kept boxes dimmed and each kept box framed (`width` px, inside it).
+    boxes (n, 4): x0, y0, x1, y1 in the picture's pixels, rounded to whole pixels: neighbouring patches share
+    their edge, so they tile without gaps or overlaps. keep (n,) bool; None: all kept, nothing dimmed or framed."""
+    out = np.asarray(picture.convert("RGB"), np.float32)
+    if keep is None:
+        return Image.fromarray(out.astype(np.uint8))
+    edges = np.rint(boxes[keep]).astype(int)
+    lit = np.zeros(out.shape[:2], bool)
+    for x0, y0, x1, y1 in edges:
+        lit[y0:y1, x0:x1] = True
+    out[~lit] = out[~lit] * 0.25 + 40
+    framed = Image.fromarray(out.astype(np.uint8))
+    draw = ImageDraw.Draw(framed)
+    for x0, y0, x1, y1 in edges:
+        if x1 > x0 and y1 > y0:
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=OUTLINE, width=width)
+    return framed
 
 
 def kept_grid(images: Sequence[Image.Image], kept: dict[str, Sequence[Sequence[int] | None]], image_size: int,

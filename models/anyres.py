@@ -13,6 +13,7 @@ program serves every grid and aspect ratio with the same number of views (the pr
 largest view count).
 """
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -75,6 +76,43 @@ def image_tokens(size: tuple[int, int], pinpoints, tile: int, side: int) -> Imag
     rows_nl = np.concatenate([t, np.full((t.shape[0], 1), -1)], axis=1)  # a newline after every row
     return ImageTokens((gh, gw), np.concatenate([np.arange(n), crops.ravel()]),
                        np.concatenate([np.arange(n), rows_nl.ravel()]))
+
+
+def resized_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an image of `size` (H, W) resized into the pinpoint `target` (h, w) keeping its aspect
+    ratio: transformers' `get_patch_output_size`, float for float (its ceil of H * (w / W) decides a pixel)."""
+    (H, W), (th, tw) = size, target
+    if tw / W < th / H:
+        return min(math.ceil(H * (tw / W)), th), tw
+    return th, min(math.ceil(W * (th / H)), tw)
+
+
+def patch_boxes(size: tuple[int, int], pinpoints, tile: int, side: int) -> np.ndarray:
+    """The region of the original image (H, W) each image token saw, in packed order (`image_tokens(...).tokens`,
+    the order of the kept indices): (T, 4) float pixel edges x0, y0, x1, y1.
+
+    The base view is the whole image resized to tile x tile, so its patch (r, c) saw the (r, c) cell of a
+    side x side grid over the image. The crops cut the pinpoint canvas, which holds the image resized into it
+    (`resized_size`) and zero-padded equally on both sides (the odd pixel after); a crop token's canvas square is
+    clipped to the image there (unpadding works in whole tokens, so edge tokens can hold some padding) and mapped
+    back by each axis's own resize ratio. PIL's resize maps output edge e to input edge e * input / output, so
+    these are the edges a resampling of the region would use."""
+    H, W = size
+    p = tile // side  # pixels per patch side
+    img = image_tokens(size, pinpoints, tile, side)
+    view, patch = np.divmod(img.tokens, side * side)
+    r, c = np.divmod(patch, side)
+    base = np.stack([c * p * W / tile, r * p * H / tile, (c + 1) * p * W / tile, (r + 1) * p * H / tile], 1)
+    ph, pw = best_resolution(size, pinpoints)
+    h, w = resized_size(size, (ph, pw))
+    top, left = (ph - h) // 2, (pw - w) // 2
+    crop_r, crop_c = np.divmod(np.maximum(view - 1, 0), img.grid[1])
+    x0, y0 = crop_c * tile + c * p, crop_r * tile + r * p
+    # whole numbers until the one division: the image's far edge comes out as exactly W (H), a valid PIL box
+    x = (np.clip(np.stack([x0, x0 + p], 1), left, left + w) - left) * W / w
+    y = (np.clip(np.stack([y0, y0 + p], 1), top, top + h) - top) * H / h
+    crops = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
+    return np.where((view == 0)[:, None], base, crops)
 
 
 def bounds(pinpoints, tile: int, side: int) -> tuple[int, int, int]:

@@ -56,8 +56,10 @@ from svdprune_jax.synthetic.scene import SceneConfig
 from svdprune_jax.evaluation.harness import check_settings, drop_incomplete_tail, weights_fingerprint
 from svdprune_jax.evaluation.stats import RESAMPLES, bootstrap_ci, mcnemar_exact
 from svdprune_jax.synthetic.samples import ANSWERS, FAMILIES, make_sample, split_seeds
+from svdprune_jax.convert.hf_config import read_config
 from svdprune_jax.models import sharding
 from svdprune_jax.models.clip import CLIPVisionConfig
+from svdprune_jax.models.llava_next import LlavaNextConfig
 
 ORACLE = "oracle"
 # what the oracle keeps, in the recorded settings: answers of an earlier oracle are not resumed as this one's
@@ -453,6 +455,11 @@ def run(model_dir: Path, out: Path, *, n: int = 500, methods: Sequence[str] = ME
         raise ValueError(f"seeds {seeds}, batch {batch} and max_new_tokens {max_new_tokens} must be >= 1")
     if mesh is not None:
         sharding.check_batch(min(batch, n), mesh)
+    # before the model loads; `sweep` would refuse it later by a token-count mismatch, naming the wrong cause
+    if isinstance(read_config(model_dir), LlavaNextConfig):
+        raise ValueError("eval synthetic takes LLaVA-1.5 models only: its questions' object masks, oracle, recall "
+                         "and kept-token grid are patches of one square view, and LLaVA-NeXT reads several views of "
+                         "each image (eval gqa / textvqa run it)")
     out, write = Path(out), jax.process_index() == 0
     settings = dict(model=str(Path(model_dir).resolve()), weights=weights_fingerprint(model_dir), split=split, n=n,
                     batch=batch, max_new_tokens=max_new_tokens, oracle=ORACLE_EVIDENCE)

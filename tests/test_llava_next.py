@@ -23,6 +23,7 @@ from svdprune_jax.convert import keymap
 from svdprune_jax.convert.safetensors_io import INDEX, read_checkpoint
 from svdprune_jax.benchmarks.timing import Compiles
 from svdprune_jax.cli import evaluate, main as cli
+from svdprune_jax.inference.pictures import anyres_overlay
 from svdprune_jax.inference.pipeline import CHAT_TEMPLATE, Pipeline
 from svdprune_jax.models import anyres
 from svdprune_jax.models.generate import Decoding, generate
@@ -410,19 +411,25 @@ def test_pipeline_answers_as_transformers_processor_and_generate(next_dir):
 
 
 def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, capsys):
-    """`svdprune-jax run --model DIR` on the llava-hf directory and on its conversion: the same answer."""
+    """`svdprune-jax run --model DIR` on the llava-hf directory and on its conversion: the same answer, and the
+    kept-token picture of the answer's kept indices (`anyres_overlay`, tested in test_pictures.py)."""
     _, d = next_dir
-    pictures(("square",), seed=8)[0].save(tmp_path / "x.png")
+    image = pictures(("square",), seed=8)[0]
+    image.save(tmp_path / "x.png")
     cli.main(["convert", str(d), str(tmp_path / "ours")])
     capsys.readouterr()
     outs = []
+    argv = ["--image", str(tmp_path / "x.png"), "--prompt", "w5 w6", "--keep", "9", "--max-new-tokens", "4"]
     for model in (d, tmp_path / "ours"):
-        cli.main(["run", "--model", str(model), "--image", str(tmp_path / "x.png"), "--prompt", "w5 w6", "--keep", "9",
-                  "--max-new-tokens", "4", "--json"])
+        cli.main(["run", "--model", str(model), *argv, "--out", str(tmp_path / "k.png"), "--json"])
         outs.append(json.loads(capsys.readouterr().out))
     out = outs[0]
-    assert out["keep"] == 9 and len(out["kept_indices"]) == 9 and out["overlay"] is None
+    assert out["keep"] == 9 and len(out["kept_indices"]) == 9 and out["overlay"] == str(tmp_path / "k.png")
     assert out["image_tokens"] == 16 + 4 * 16  # square 50 x 47: 2 x 2 crops, unpadding drops no column of 8 x 8
+    want = anyres_overlay(image, outs[1]["kept_indices"], TINY_PINPOINTS, 32, 8)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "k.png")), np.asarray(want))
+    cli.main(["run", "--model", str(d), *argv, "--out", str(tmp_path / "text.png")])
+    assert f"picture   {tmp_path / 'text.png'}\n" in capsys.readouterr().out and (tmp_path / "text.png").is_file()
     assert {k: v for k, v in outs[1].items() if k not in ("model", "seconds", "stage_seconds", "compile_seconds",
                                                            "unpruned_seconds")} == \
            {k: v for k, v in out.items() if k not in ("model", "seconds", "stage_seconds", "compile_seconds",
@@ -459,6 +466,16 @@ def test_eval_gqa_on_a_next_directory(next_dir, tmp_path):
                           "svd:per_view=true", "--keep", "10", "--out", str(tmp_path / "out"), *RUN, *CHAT])
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1),
                                                                          ("svd:per_view=true", 10, 6, 1)]
+
+
+def test_eval_synthetic_refuses_a_next_directory_in_one_line(next_dir, tmp_path):
+    """The synthetic benchmark (its masks, oracle, recall and kept-token grid) is one view's patches: a NeXT model is
+    refused, saying so, before it loads and before --out is made, rather than by a token-count mismatch."""
+    _, d = next_dir
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "synthetic", "--model", str(d), "--n", "2", "--budgets", "20", "--out", str(tmp_path / "s")])
+    assert "\n" not in e.value.code and "eval synthetic takes LLaVA-1.5 models only" in e.value.code
+    assert not (tmp_path / "s").exists()
 
 
 def test_given_scores_keep_the_highest_image_tokens(base):
