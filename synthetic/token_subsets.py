@@ -10,16 +10,13 @@ about the same weight per factor of two), and the shape is, with equal odds amon
     trimmed at random within the last rectangle (the compact blobs of object-centred selectors and of an oracle),
   - objects: whole objects of the scene taken in a random order (each object's patches, the last trimmed at
     random; background patches drawn uniformly once the objects run out): object-only sequences, as an oracle
-    or a selector that concentrates on objects produces them, with the objects chosen blind to the question,
-  - points: one random patch of each object in a random order, then patches drawn uniformly: every object once,
-    as diversity-seeking selectors and a counting oracle (`samples.object_points`) keep them, blind to the question.
+    or a selector that concentrates on objects produces them, with the objects chosen blind to the question.
 A share of rows keeps the full grid, so the unpruned reader is trained on as before.
 """
 import numpy as np
 from scipy import ndimage
 
-SHAPES = ("uniform", "regions", "objects", "points")
-BY_OBJECT = ("objects", "points")  # shapes that need the image's object labels
+SHAPES = ("uniform", "regions", "objects")
 
 
 def draw_size(rng: np.random.Generator, n: int, min_tokens: int) -> int:
@@ -74,25 +71,16 @@ def object_subset(rng: np.random.Generator, labels: np.ndarray, k: int) -> np.nd
     return np.sort(last)
 
 
-def point_subset(rng: np.random.Generator, labels: np.ndarray, k: int) -> np.ndarray:
-    """Sorted indices of k patches: one random patch of each object of `labels` (`object_labels`) in a random
-    order, then the other patches drawn uniformly if there are fewer than k objects."""
-    flat = labels.ravel()
-    points = [rng.choice(np.flatnonzero(flat == o)) for o in rng.permutation(np.unique(flat[flat >= 0]))]
-    rest = rng.permutation(np.setdiff1d(np.arange(flat.size), points))
-    return np.sort(np.concatenate([np.asarray(points, int), rest])[:k])
-
-
 def draw_subset(rng: np.random.Generator, grid: int, min_tokens: int, shapes: tuple[str, ...] = SHAPES[:2],
                 objects: np.ndarray | None = None) -> np.ndarray:
     """Sorted kept indices into the grid*grid patches: a log-uniform size, a shape drawn from `shapes` with equal
-    odds (the `BY_OBJECT` shapes need the image's `objects`, an `object_labels` map)."""
+    odds ("objects" needs the image's `objects`, an `object_labels` map)."""
     k = draw_size(rng, grid * grid, min_tokens)
     shape = shapes[int(rng.random() * len(shapes))]
-    if shape in BY_OBJECT:
+    if shape == "objects":
         if objects is None:
-            raise ValueError(f"the {shape!r} subset shape needs the image's object labels")
-        return (object_subset if shape == "objects" else point_subset)(rng, objects, k)
+            raise ValueError("the 'objects' subset shape needs the image's object labels")
+        return object_subset(rng, objects, k)
     return {"uniform": uniform_subset, "regions": region_subset}[shape](rng, grid, k)
 
 

@@ -49,7 +49,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from svdprune_jax.synthetic.bundled import MODEL_DIR, PRESETS, SCENES
 from svdprune_jax.synthetic.scene import COLOURS, GLYPHS, SHAPES, SceneConfig
 from svdprune_jax.synthetic.benchmark import oracle_scores
-from svdprune_jax.synthetic.token_subsets import BY_OBJECT, apply_subsets, draw_subset, object_labels, uniform_subset
+from svdprune_jax.synthetic.token_subsets import apply_subsets, draw_subset, object_labels, uniform_subset
 from svdprune_jax.synthetic.samples import (ANSWERS, FAMILIES, all_questions, follow_ups, make_sample, split_seeds,
                            training_questions)
 from svdprune_jax.synthetic.vocab import EOS, IMAGE_TOKEN, PAD, build_tokenizer, follow_up, prompt, save_processor_files
@@ -141,14 +141,6 @@ RECIPES = {
                                       Stage(600, 32, 2e-4, 50, turns=9, need_quadrant=1, subsets=0.75,
                                             subset_shapes=("uniform", "regions", "objects"))),
                               eval_every=200, ckpt_every=50),
-    # `bundled_subsets` fine-tuned further with one-patch-per-object subsets in the mix (`token_subsets.point_subset`):
-    # the counting oracle's evidence is one patch per object (`samples.object_points`), a sequence shape the
-    # shipped reader saw only by chance (docs/training.md).
-    "bundled_points": Recipe("bundled", seed=3, n_train=30_000, n_val=500, n_test=1000, init="bundled",
-                             stages=(Stage(0, 32, 1e-3, 0),
-                                     Stage(600, 32, 2e-4, 50, turns=9, need_quadrant=1, subsets=0.75,
-                                           subset_shapes=("uniform", "regions", "points"))),
-                             eval_every=200, ckpt_every=50),
     # seconds-long end-to-end run for tests: few samples so a few steps already fit them
     "tiny": Recipe("tiny", seed=0, n_train=16, n_val=10, n_test=10,
                    stages=(Stage(8, 8, 3e-3, 1), Stage(8, 8, 3e-3, 1, turns=4, need_quadrant=1, by_quadrant=1)),
@@ -546,7 +538,7 @@ class Run:
         if spec.subsets:  # a pure function of (seed, stage, step): resumes draw the same subsets
             rng = np.random.default_rng([self.recipe.seed, stage, step, 1])
             chosen = np.flatnonzero(rng.random(len(idx)) < spec.subsets)
-            objects = (self.object_labels(idx[chosen]) if set(BY_OBJECT) & set(spec.subset_shapes)
+            objects = (self.object_labels(idx[chosen]) if "objects" in spec.subset_shapes
                        else [None] * len(chosen))
             apply_subsets(rows, {i: draw_subset(rng, self.scene.grid, spec.min_tokens, spec.subset_shapes, o)
                                  for i, o in zip(chosen, objects)}, *self._special_ids)

@@ -72,9 +72,9 @@ BRACKET_SEEDS = 3
 
 
 def test_oracle_clearly_above_random_at_11_tokens(pipe, test_set):
-    """The yardstick's bracket, on the fixed subset: keeping the asked object's patches (the oracle) must beat
-    keeping random ones by at least 10 points at 11 of 196 tokens (the paper's 32/576), so the benchmark ranks
-    what the kept tokens hold. Random: the mean over seeds."""
+    """The yardstick's bracket, on the fixed subset: keeping the evidence each answer needs (the oracle) must beat
+    keeping random patches by at least 20 points (issue 21's bar) at 11 of 196 tokens (the paper's 32/576), so the
+    benchmark ranks what the kept tokens hold. Random: the mean over seeds."""
     from tqdm import tqdm
 
     from svdprune_jax.inference.methods import parse
@@ -84,4 +84,4 @@ def test_oracle_clearly_above_random_at_11_tokens(pipe, test_set):
                                               batch=BATCH, max_new_tokens=3, bar=tqdm(disable=True)).correct.mean()
     oracle = run(ORACLE)
     random = np.mean([run("random", s) for s in range(BRACKET_SEEDS)])
-    assert oracle - random >= 0.10, (oracle, random)
+    assert oracle - random >= 0.20, (oracle, random)

@@ -5,7 +5,7 @@ import pytest
 
 from svdprune_jax.inference.pipeline import expand, left_pad
 from svdprune_jax.synthetic.token_subsets import (apply_subset, draw_size, draw_subset, object_labels, object_subset,
-                                                 point_subset, region_subset, uniform_subset)
+                                                 region_subset, uniform_subset)
 
 IMG, PAD = 7, 0
 
@@ -105,34 +105,8 @@ def test_object_subsets_take_whole_objects_first(k):
             assert (flat >= 0).sum() == np.isin(np.flatnonzero(flat >= 0), kept).sum()
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 12, 36])
-def test_point_subsets_take_one_patch_per_object_first(k):
-    """min(k, objects) objects with exactly one patch each before any second patch of an object or background,
-    every object as likely to come first."""
-    kind = np.full((6, 6), 9)
-    kind[0:2, 0:2] = 1
-    kind[4:6, 4:6] = 1
-    kind[0:3, 4] = 2
-    labels = object_labels(kind, 9)
-    flat = labels.ravel()
-    rng = np.random.default_rng(k)
-    first = np.zeros(3)
-    for _ in range(300):
-        kept = point_subset(rng, labels, k)
-        assert len(kept) == k and (np.diff(kept) > 0).all()
-        per_object = np.array([np.isin(np.flatnonzero(flat == o), kept).sum() for o in range(3)])
-        if k <= 3:
-            assert (per_object == 1).sum() == k and per_object.max() == 1
-            first += per_object
-        else:
-            assert (per_object >= 1).all()
-    if k == 1:
-        assert first.min() > 60  # 100 expected per object
-
-
-@pytest.mark.parametrize("shape", ["objects", "points"])
-def test_object_shapes_need_the_labels(shape):
+def test_object_shape_needs_the_labels():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="object labels"):
         for _ in range(50):
-            draw_subset(rng, 14, 4, (shape,))
+            draw_subset(rng, 14, 4, ("objects",))
