@@ -94,8 +94,8 @@ def run(args):
         print(f"saved     {(full[2] - seconds) * 1e3:.1f} ms of {full[2] * 1e3:.1f} ms unpruned "
               f"({1 - seconds / full[2]:.0%})")
     print("picture   " + (str(overlay) if overlay is not None else
-                          "none: LLaVA-NeXT's kept tokens span views of several scales" if pipe.is_next else
-                          "none: fastv keeps every patch for its first layers, then prunes by the question's attention"))
+                          "none: fastv keeps every patch for its first layers, then prunes by the question's attention"
+                          if spec.method == "fastv" else "none: LLaVA-NeXT's kept tokens span views of several scales"))
 
 
 def timed_answer(pipe, image, question: str, method, keep: int | None, max_new_tokens: int):

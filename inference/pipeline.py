@@ -102,8 +102,6 @@ class Pipeline:
             return n
         if keep is None or not 1 <= keep <= n:
             raise ValueError(f"keep {keep} outside [1, {n}] (the model's image tokens)")
-        if self.is_next and (spec.method == "fastv" or spec.adaptive is not None):
-            raise ValueError(f"method spec {spec.text!r}: fastv and adaptive budgets are not supported on LLaVA-NeXT")
         if spec.per_view and not self.is_next:
             raise ValueError(f"method spec {spec.text!r}: per_view needs a LLaVA-NeXT model (LLaVA-1.5 has one view)")
         cfg = self.config
