@@ -5,7 +5,8 @@ unpruned, each prompt carries its own image's token count; pruned, every prompt 
 A method is one of `svdprune_jax.METHODS` (pruning between the vision tower and the projector), "fastv"
 (pruning inside the language model at layer K) or "full" (no pruning), given as a method spec with its
 options (`svdprune_jax.inference.methods`: "svd:energy=0.9:matrix=projector"). The budget `keep` is the number of image tokens
-the language model reads (FastV: from layer K on). Adaptive specs choose a budget per image
+the language model reads (FastV: from layer K on; on LLaVA-NeXT image slots, `image_newline`s included). Adaptive
+specs choose a budget per image
 (`Pipeline.adaptive_keep`); each budget is then answered with the spec's fixed form (`MethodSpec.fixed`).
 """
 import dataclasses

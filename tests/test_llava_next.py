@@ -2,7 +2,8 @@
 five pinpoints): the any-resolution geometry and packed order, logits of batches mixing grids (LLaMA and Mistral
 decoders), greedy generation, pruned forwards (one selection per image and per view) against transformers fed the
 same kept features, the selections against float64 references on each image's (or view's) own tokens, every method
-in both modes, compile counts across aspect ratios, conversion both ways, the pipeline, `run` and `eval` by path,
+in both modes, FastV against transformers' layers driven by hand on each row alone, adaptive budgets against a
+float64 reference, compile counts across aspect ratios, conversion both ways, the pipeline, `run` and `eval` by path,
 bad input."""
 import copy
 import json
@@ -389,7 +390,7 @@ def test_fastv_matches_transformers_layers_driven_by_hand(pair, K, keep, deep):
         newlines += int((images.packed[b][kept_slots] == cfg.num_image_tokens).sum())
     print(f"fastv {pair} K={K} keep={keep}: max abs err {err:.2e}, {newlines} image_newline slots kept")
     assert err <= 1e-4 and newlines > 0  # newlines compete like any image slot, and some win here
-    out = generate(graphdef, state, images, ids, mask, decoding=Decoding(5), fastv=FastV(keep, K))
+    out = generate(graphdef, state, images, ids, mask, decoding=Decoding(5), fastv=FastV(keep, K), bucket=1)
     for b in range(2):
         real = mask[b].astype(bool)
         assert out.tokens[b].tolist() == hf_fastv_greedy(hf, hf_embeds(hf, px[b:b + 1], sizes[b:b + 1], ids[b:b + 1, real])[0],
@@ -517,8 +518,9 @@ def word_tokenizer():
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    """A llava-hf style NeXT directory (save_pretrained), its tokenizer and processor."""
-    hf = tiny(seed=3, next=True)
+    """A llava-hf style NeXT directory (save_pretrained), its tokenizer and processor; 3 decoder layers (FastV's
+    default layer is 2)."""
+    hf = tiny(seed=3, next=True, text_layers=3)
     d = tmp_path_factory.mktemp("next") / "llava-next"
     hf.save_pretrained(d)
     word_tokenizer().save_pretrained(d)
@@ -550,8 +552,12 @@ def test_pipeline_answers_as_transformers_processor_and_generate(next_dir):
     pruned, _ = pipe.answer(images, questions, method="svd:per_view=true", keep=10, max_new_tokens=3)
     for ans, count in zip(pruned, counts):
         assert len(ans.kept_indices) == 10 and ans.kept_indices == sorted(ans.kept_indices) and ans.kept_indices[-1] < count
-    with pytest.raises(ValueError, match="fastv and adaptive budgets are not supported on LLaVA-NeXT"):
-        pipe.answer(images, questions, method="fastv", keep=10)
+    fastv, _ = pipe.answer(images, questions, method="fastv", keep=10, max_new_tokens=3)
+    assert all(a.kept_indices is None and len(a.token_ids) >= 1 for a in fastv)
+    for image, question, ans in zip(images, questions, answers):  # fastv keeping every image slot: unpruned
+        every, _ = pipe.answer([image], [question], method="fastv", keep=int(pipe.pixel_values([image]).lengths[0]),
+                               max_new_tokens=6)
+        assert every[0].token_ids == ans.token_ids
 
 
 def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, capsys):
@@ -572,6 +578,24 @@ def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, 
                                                            "unpruned_seconds")} == \
            {k: v for k, v in out.items() if k not in ("model", "seconds", "stage_seconds", "compile_seconds",
                                                       "unpruned_seconds")}
+
+
+def test_run_fastv_and_adaptive_on_a_next_directory(next_dir, tmp_path, capsys):
+    """`run --method fastv` and `--method svd:adaptive=0.9` on a NeXT directory: FastV keeps its budget of image
+    slots (no kept indices, no picture); the adaptive spec answers at the image's own bucket, the pipeline's."""
+    _, d = next_dir
+    image = pictures(("tall3",), seed=12)[0]
+    image.save(tmp_path / "x.png")
+    run = ["run", "--model", str(d), "--image", str(tmp_path / "x.png"), "--prompt", "w5 w6", "--max-new-tokens", "3"]
+    cli.main([*run, "--method", "fastv", "--keep", "30", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["keep"], out["kept_indices"], out["overlay"]) == (30, None, None) and out["token_ids"]
+    cli.main([*run, "--method", "fastv"])
+    assert "picture   none: fastv keeps every patch" in capsys.readouterr().out
+    cli.main([*run, "--method", "svd:adaptive=0.9", "--keep", "16", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    want = int(Pipeline.load(d).adaptive_keep([image], "svd:adaptive=0.9", 16)[0])
+    assert out["keep"] == want and want in (2, 4, 8, 16) and len(out["kept_indices"]) == want
 
 
 @pytest.mark.parametrize("window", [None, 4096])
@@ -597,13 +621,14 @@ def test_mistral_text_config_logits_and_window(window, tmp_path):
 
 
 def test_eval_gqa_on_a_next_directory(next_dir, tmp_path):
-    """`svdprune-jax eval gqa --model DIR` answers every question unpruned and pruned per view on a NeXT model
-    (batches of images of different grids; a random model, so only the run's shape is checked)."""
+    """`svdprune-jax eval gqa --model DIR` answers every question unpruned, pruned per view and with FastV on a NeXT
+    model (batches of images of different grids; a random model, so only the run's shape is checked)."""
     _, d = next_dir
     rows = evaluate.main(["gqa", "--data", str(write_gqa(tmp_path / "gqa")), "--model", str(d), "--methods",
-                          "svd:per_view=true", "--keep", "10", "--out", str(tmp_path / "out"), *RUN, *CHAT])
+                          "svd:per_view=true,fastv", "--keep", "10", "--out", str(tmp_path / "out"), *RUN, *CHAT])
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1),
-                                                                         ("svd:per_view=true", 10, 6, 1)]
+                                                                         ("svd:per_view=true", 10, 6, 1),
+                                                                         ("fastv", 10, 6, 1)]
 
 
 def test_given_scores_keep_the_highest_image_tokens(base):
