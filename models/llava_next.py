@@ -135,7 +135,8 @@ class LlavaNext(Llava):
         """The image tokens in packed order (B, T, Dm), their mask (B, T) (T is the config's bound) and CLS
         attention (B, T) or None."""
         feats, cls_attn = self.scored_features(images, matrix, cls_attention=cls_attention)
-        return _take(feats, images.tokens), images.token_mask, None if cls_attn is None else _take(cls_attn, images.tokens)
+        cls_attn = None if cls_attn is None else _take(cls_attn, images.tokens)
+        return _take(feats, images.tokens), images.token_mask, cls_attn
 
     def encode_images(self, images: anyres.AnyresImages, pruning: Pruning | None = None, key: jax.Array | None = None,
                       scores: Float[Array, "B T"] | None = None):

@@ -48,8 +48,9 @@ def fastv_select(attention: Float[Array, "..."], image_positions: Int[Array, "B 
         if np.shape(mask) != (shape[0], n) or jnp.result_type(mask) != jnp.bool_:
             raise ValueError(f"mask must be bool of shape (B, n) = {(shape[0], n)}; got {jnp.result_type(mask)} "
                              f"of shape {np.shape(mask)}")
-        if checks.is_concrete(mask) and np.asarray(mask).sum(axis=1).min() < keep:
-            raise ValueError(f"keep={keep} exceeds the image tokens of a row ({int(np.asarray(mask).sum(axis=1).min())}; mask)")
+        fewest = int(np.asarray(mask).sum(axis=1).min()) if checks.is_concrete(mask) else keep
+        if fewest < keep:
+            raise ValueError(f"keep={keep} exceeds the image tokens of a row ({fewest}; mask)")
     if image_positions is not None:  # clip: padded entries may point past the T keys; the mask drops them
         score = jnp.take_along_axis(score, image_positions, axis=1, mode="clip")
     chosen = top_k_indices(score if mask is None else jnp.where(mask, score, -jnp.inf), keep, batch_axis)

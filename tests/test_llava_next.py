@@ -426,7 +426,9 @@ def test_fastv_one_program_across_aspect_ratios_and_all_kept_is_unpruned(deep):
         logits, _, columns = forward(graphdef, state, images, np.pad(ids, pad), np.pad(mask, pad),
                                      fastv=FastV(int(images.lengths[0]), 2))
         np.testing.assert_array_equal(columns[0], np.arange(pad[1][0], pad[1][0] + ids.shape[1]))
-        np.testing.assert_allclose(np.asarray(logits)[0][mask[0] > 0], full[mask[0] > 0], atol=1e-5)
+        err = np.abs(np.asarray(logits)[0][mask[0] > 0] - full[mask[0] > 0]).max()
+        print(f"fastv keeping all {images.lengths[0]} slots of {size}: max abs err to unpruned {err:.2e}")
+        assert err <= 1e-5
 
 
 @pytest.mark.parametrize("matrix", ["tower", "projector"])
