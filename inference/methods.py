@@ -11,7 +11,8 @@
     svd:matrix=projector     score the projector's output instead of the tower's selected layer (the paper's)
     svd:adaptive=0.9         a per-image budget: the smallest bucket (the budget and its halvings) holding 90% of
                              the image's leverage mass (`svdprune_jax.adaptive_budget`), by the spec's rank rule
-                             (not rank=k: it would put every image in the largest bucket)
+                             (not rank=k: it would put every image in the largest bucket; not with per_view:
+                             the budget is read from the leverage over all of an image's tokens)
     lrcp:r=4                 LRCP with its PCA rank (default `svdprune_jax.LRCP_RANK`)
     visionzip:contextual=4   VisionZip's merged-token count (default from the budget)
     svd:per_view=true        LLaVA-NeXT: each view (base image, crops) scored alone with a share of the budget
@@ -168,6 +169,9 @@ def parse(text: str, allowed: Sequence[str]) -> MethodSpec:
     if adaptive is not None and options.get("rank") == BUDGET:
         raise ValueError(f"method spec {text!r}: adaptive needs a rank rule that does not follow the budget "
                          "(energy=..., or a fixed rank): at rank = budget every image lands in the largest bucket")
+    if adaptive is not None and per_view:
+        raise ValueError(f"method spec {text!r}: adaptive (a budget from the image's leverage over all its tokens) "
+                         "and per_view (each view scored alone) measure different leverage; give one")
     options = DEFAULTS.get(method, {}) | options
     return MethodSpec(text.strip(), method, tuple(sorted(options.items())), matrix, adaptive, per_view)
 

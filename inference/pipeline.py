@@ -5,7 +5,8 @@ unpruned, each prompt carries its own image's token count; pruned, every prompt 
 A method is one of `svdprune_jax.METHODS` (pruning between the vision tower and the projector), "fastv"
 (pruning inside the language model at layer K) or "full" (no pruning), given as a method spec with its
 options (`svdprune_jax.inference.methods`: "svd:energy=0.9:matrix=projector"). The budget `keep` is the number of image tokens
-the language model reads (FastV: from layer K on). Adaptive specs choose a budget per image
+the language model reads (FastV: from layer K on; on LLaVA-NeXT image slots, `image_newline`s included). Adaptive
+specs choose a budget per image
 (`Pipeline.adaptive_keep`); each budget is then answered with the spec's fixed form (`MethodSpec.fixed`).
 """
 import dataclasses
@@ -102,8 +103,6 @@ class Pipeline:
             return n
         if keep is None or not 1 <= keep <= n:
             raise ValueError(f"keep {keep} outside [1, {n}] (the model's image tokens)")
-        if self.is_next and (spec.method == "fastv" or spec.adaptive is not None):
-            raise ValueError(f"method spec {spec.text!r}: fastv and adaptive budgets are not supported on LLaVA-NeXT")
         if spec.per_view and not self.is_next:
             raise ValueError(f"method spec {spec.text!r}: per_view needs a LLaVA-NeXT model (LLaVA-1.5 has one view)")
         cfg = self.config

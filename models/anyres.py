@@ -115,11 +115,12 @@ def patch_boxes(size: tuple[int, int], pinpoints, tile: int, side: int) -> np.nd
     return np.where((view == 0)[:, None], base, crops)
 
 
-def bounds(pinpoints, tile: int, side: int) -> tuple[int, int, int]:
-    """(most views, most image tokens, most prompt slots) of any image under these pinpoints: unpadding only
-    removes tokens, so a full grid of crops is the largest."""
+def bounds(pinpoints, tile: int, side: int, views: int | None = None) -> tuple[int, int, int]:
+    """(most views, most image tokens, most prompt slots) of any image under these pinpoints (of at most `views`
+    views): unpadding only removes tokens, so a full grid of crops is the largest."""
     n = side * side
     grids = [(ph // tile, pw // tile) for ph, pw in pinpoints]
+    grids = [(gh, gw) for gh, gw in grids if views is None or 1 + gh * gw <= views] or [(0, 0)]  # base view only
     return (max(1 + gh * gw for gh, gw in grids), max(n + gh * gw * n for gh, gw in grids),
             max(n + gh * gw * n + gh * side for gh, gw in grids))
 
@@ -128,13 +129,14 @@ def bounds(pinpoints, tile: int, side: int) -> tuple[int, int, int]:
 @dataclasses.dataclass(frozen=True)
 class AnyresImages:
     """A batch of any-resolution images for the device: the processor's tiles and the packing as indices.
-    Every array has a leading batch axis B; V (views) follows the batch's largest grid, T and L the config's
-    bounds (`bounds`), so one program serves every grid and aspect ratio with V views.
+    Every array has a leading batch axis B; V (views) follows the batch's largest grid, T the config's bound and
+    L the bound of V views (`bounds`), so one program serves every grid and aspect ratio with V views.
 
     pixel_values (B, V, C, s, s)  base view then crops; views past an image's own are zero padding
     tokens (B, T) int32           view-major index (view * N + patch) of each image token, packed order
     token_mask (B, T) bool        real image tokens (the rest pad T)
-    packed (B, L) int32           prompt slot -> image token, T for `image_newline` (and padding)
+    packed (B, L) int32           prompt slot -> image token, T for `image_newline` (and padding); L the most
+                                  slots an image of V views fills (FastV's static image span)
     position (B, V * N) int32     view-major token -> its image-token number, T for tokens unpadding drops
     lengths (B,) int32            prompt slots (image tokens + newlines) each image fills unpruned
     """
@@ -157,7 +159,8 @@ def layout(pixel_values: np.ndarray, image_sizes, pinpoints, tile: int, side: in
     B, V = pixel_values.shape[:2]
     if len(image_sizes) != B:
         raise ValueError(f"{len(image_sizes)} image sizes for {B} images of pixel_values")
-    _, T, L = bounds(pinpoints, tile, side)
+    _, T, _ = bounds(pinpoints, tile, side)
+    L = bounds(pinpoints, tile, side, views=V)[2]
     n = side * side
     tokens, mask = np.zeros((B, T), np.int32), np.zeros((B, T), bool)
     packed, position = np.full((B, L), T, np.int32), np.full((B, V * n), T, np.int32)

@@ -24,7 +24,7 @@ import svdprune_jax
 from svdprune_jax.models import sharding
 from svdprune_jax.models.cache import KVCache
 from svdprune_jax.models.llama import FastV
-from svdprune_jax.models.llava import GIVEN, Llava, Pruning, check_prompts
+from svdprune_jax.models.llava import GIVEN, Llava, Pruning, check_prompts, fastv_width
 from svdprune_jax.models.sampling import GREEDY, Sampling
 
 
@@ -164,7 +164,9 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
 
     `graphdef, state = nnx.split(model)` once, outside. pixel_values (B, C, H, W) as the CLIP processor gives
     them (LLaVA-NeXT: `models.llava_next.layout(...)`, each prompt carrying its image's `lengths` unpruned); input_ids/attention_mask (B, T), left padding only; each prompt carries exactly `pruning.k` image
-    tokens (unpruned: config.num_image_tokens). Prompts are left-padded further to a multiple of `bucket`.
+    tokens (unpruned: config.num_image_tokens). Prompts are left-padded further to a multiple of `bucket` (with FastV
+    on LLaVA-NeXT first to `models.llava.fastv_width`: the image slots plus the longest text, so one program serves
+    every aspect ratio of a view count).
     Sampling (`decoding.sampling` not greedy) and random pruning need `key`.
     scores (B, N): per-token scores for `Pruning(GIVEN, k)`, which keeps the k highest (e.g. an oracle's).
     timed: run encode / prefill / decode as separate jits and report each one's seconds (the first call of
@@ -174,9 +176,11 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
     """
     model = nnx.merge(graphdef, state)
     cfg = model.config
-    check_prompts(cfg, input_ids, attention_mask, model.prompt_budget(pixel_values, pruning))
+    budget = model.prompt_budget(pixel_values, pruning)
+    check_prompts(cfg, input_ids, attention_mask, budget)
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    width = max(ids.shape[1], fastv_width(model, pixel_values, mask, pruning, fastv, budget))
     longest = int(mask.sum(axis=1).max())
     if longest + decoding.max_new_tokens > cfg.text.context:
         raise ValueError(f"prompt of {longest} tokens + {decoding.max_new_tokens} new tokens exceeds the context of "
@@ -191,7 +195,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[Array
         if not decoding.sampling.greedy or (pruning is not None and pruning.method in svdprune_jax.NEEDS_KEY):
             raise ValueError("sampling (temperature > 0) and random pruning need an explicit key")
         key = jax.random.key(0)
-    pad = bucket_length(ids.shape[1], bucket) - ids.shape[1]
+    pad = bucket_length(width, bucket) - ids.shape[1]
     ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=decoding.pad_token_id)
     mask = np.pad(mask, ((0, 0), (pad, 0)))
     run = _timed_generate if timed else generate_program

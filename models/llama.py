@@ -228,6 +228,9 @@ class Llama(nnx.Module):
         """Full-sequence pass over a left-padded batch (`valid` False on padding); with `cache` it is the
         prefill and fills each segment from slot 0.
 
+        image_positions (B, n): each row's image-token columns, ascending; a row with fewer than n (LLaVA-NeXT's
+        images differ in token count) fills the rest with T and must start with that many padding columns.
+
         Returns (hidden (B, T', D) after the final norm, cache or None, kept): with FastV, kept (B, T') are the
         prompt columns that reach the last layers (T' = T - n + fastv.keep); without, kept is None and T' = T.
         """
@@ -248,7 +251,8 @@ class Llama(nnx.Module):
         new_cache, kept = [], None
         for s, (start, stop) in enumerate(segs):
             if s == 1:  # FastV: gather the kept columns; they keep their original positions
-                keep_img = svdprune_jax.fastv_select(score, image_positions, fastv.keep, DATA)
+                keep_img = svdprune_jax.fastv_select(score, image_positions, fastv.keep, DATA,
+                                                     mask=image_positions < T)
                 kept = _kept_columns(image_positions, keep_img, T)
                 take = lambda a: jnp.take_along_axis(a, kept.reshape(kept.shape + (1,) * (a.ndim - 2)), axis=1)
                 x, positions, valid = take(x), take(positions), take(valid)
@@ -282,11 +286,16 @@ class Llama(nnx.Module):
 
 
 def _kept_columns(image_positions: Int[Array, "B n"], keep_img: Int[Array, "B r"], T: int) -> Int[Array, "B Tk"]:
-    """Sorted prompt columns kept by FastV: every non-image column plus the kept image columns."""
+    """Sorted prompt columns kept by FastV, T - n + r in every row: all but the dropped image tokens, and in a row
+    with n_b < n image tokens (positions past them are T) also its first n - n_b columns, left padding (the
+    caller pads so): every row then drops n - r columns, and the layers after K have one static length."""
     B, n = image_positions.shape
-    is_img = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], image_positions].set(True)
-    text = jnp.argsort(is_img, axis=1, stable=True)[:, : T - n]  # non-image columns, ascending
-    return jnp.sort(jnp.concatenate([text, keep_img], axis=1), axis=1)
+    rows = jnp.arange(B)[:, None]
+    is_img = jnp.zeros((B, T), bool).at[rows, image_positions].set(True, mode="drop")  # T: no image token
+    kept = jnp.zeros((B, T), bool).at[rows, keep_img].set(True)
+    short = n - is_img.sum(axis=1, keepdims=True)
+    drop = (is_img & ~kept) | (jnp.arange(T) < short)
+    return jnp.argsort(drop, axis=1, stable=True)[:, : T - n + keep_img.shape[1]].astype(jnp.int32)
 
 
 def _write(kv, at, k, v):

@@ -153,6 +153,12 @@ class Llava(nnx.Module):
         feats, cls_attn = self.image_features(pixel_values, cls_attention=cls_attention)
         return (self.multi_modal_projector(feats) if matrix == "projector" else feats), cls_attn
 
+    def scored_tokens(self, pixel_values, matrix: str = "tower", *, cls_attention: bool = False):
+        """(the matrix one selection scores (B, N, Dm), its valid-token mask (B, N) or None for all, CLS attention):
+        `scored_features` here; LLaVA-NeXT's image tokens in packed order, its padding masked."""
+        feats, cls_attn = self.scored_features(pixel_values, matrix, cls_attention=cls_attention)
+        return feats, None, cls_attn
+
     def encode_images(self, pixel_values: Float[Array, "B C H W"], pruning: Pruning | None = None,
                       key: jax.Array | None = None, scores: Float[Array, "B N"] | None = None):
         """Projected image embeddings (B, k, D) and kept token indices (B, k) into the N features (None unpruned).
@@ -177,6 +183,10 @@ class Llava(nnx.Module):
         """Image tokens each prompt must carry: the budget k, or every image feature unpruned."""
         return self.config.num_image_tokens if pruning is None else pruning.k
 
+    def image_slots(self, pixel_values, pruning: Pruning | None) -> int:
+        """Image embeddings `encode_images` gives per image (static): the most image tokens a prompt can carry."""
+        return self.prompt_budget(pixel_values, pruning)
+
     def embed(self, input_ids: Int[Array, "B T"], image_embeds: Float[Array, "B n D"]) -> Float[Array, "B T D"]:
         """Token embeddings with the i-th image token of each row replaced by its i-th image embedding
         (running count of image tokens as the gather index: static shapes; counts checked by `check_prompts`)."""
@@ -187,8 +197,11 @@ class Llava(nnx.Module):
         return jnp.where(is_img[..., None], feats.astype(x.dtype), x)
 
     def image_positions(self, input_ids: Int[Array, "B T"], n: int) -> Int[Array, "B n"]:
-        """Columns of the n image tokens of each row (FastV's candidates)."""
-        return jax.vmap(lambda row: jnp.nonzero(row == self.config.image_token_id, size=n)[0])(input_ids).astype(jnp.int32)
+        """Columns of the image tokens of each row (FastV's candidates), n = the image slots (`image_slots`); a row
+        with fewer (LLaVA-NeXT) fills the rest with T, past every column."""
+        T = input_ids.shape[1]
+        find = lambda row: jnp.nonzero(row == self.config.image_token_id, size=n, fill_value=T)[0]
+        return jax.vmap(find)(input_ids).astype(jnp.int32)
 
     def logits(self, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
         return self.language_model.unembed(h, self.lm_head)
@@ -241,13 +254,35 @@ def check_prompts(cfg: LlavaConfig, input_ids, attention_mask, budget: int | np.
         raise ValueError(f"image tokens per prompt {counts.tolist()} differ from the image budget {budget}")
 
 
+def fastv_width(model: "Llava", pixel_values, attention_mask, pruning: Pruning | None, fastv: FastV | None,
+                budget: int | np.ndarray) -> int:
+    """The fewest prompt columns a FastV batch needs (0 without FastV), after checking FastV against the prompts
+    (`check_prompts`-checked, `budget` image tokens each). After layer K every row keeps fastv.keep image tokens,
+    and a row holding n_b of the S image slots (LLaVA-NeXT: images differ in token count) also drops its first
+    S - n_b columns, so that every row has one static length; those columns must be left padding."""
+    if fastv is None:
+        return 0
+    budget = np.broadcast_to(budget, np.shape(attention_mask)[:1])
+    fastv.check(model.config.text, int(budget.min()))
+    text = np.asarray(attention_mask).astype(bool).sum(axis=1) - budget
+    return model.image_slots(pixel_values, pruning) + int(text.max())
+
+
 def forward(graphdef: nnx.GraphDef, state: nnx.State, pixel_values, input_ids, attention_mask=None, *,
             pruning: Pruning | None = None, fastv: FastV | None = None, key: jax.Array | None = None,
             mesh: Mesh | None = None):
     """Checked, jitted `Llava.__call__` on a split model: (logits (B, T', V), kept indices, kept columns).
+    With FastV the prompts need `fastv_width` columns (LLaVA-NeXT: left padding; `generate` pads itself).
     mesh: run sharded on it (`state` laid out on it, the batch split over `data`; see `models.sharding`)."""
     model = nnx.merge(graphdef, state)
-    check_prompts(model.config, input_ids, attention_mask, model.prompt_budget(pixel_values, pruning))
+    budget = model.prompt_budget(pixel_values, pruning)
+    check_prompts(model.config, input_ids, attention_mask, budget)
+    mask = np.ones(np.shape(input_ids), bool) if attention_mask is None else attention_mask
+    width = fastv_width(model, pixel_values, mask, pruning, fastv, budget)
+    if np.shape(input_ids)[1] < width:
+        raise ValueError(f"FastV on this batch needs prompts of at least {width} columns (left-padded: a row with "
+                         f"fewer image tokens than the others drops that many leading columns at layer K); got "
+                         f"{np.shape(input_ids)[1]}")
     if mesh is not None:
         pixel_values, input_ids, attention_mask = sharding.put_batch(mesh, pixel_values, input_ids, attention_mask)
     with sharding.use(mesh):
@@ -263,7 +298,8 @@ def adaptive_keep(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[
                   buckets: tuple[int, ...], *, matrix: str = "tower", rule: tuple[tuple[str, Any], ...] = ()
                   ) -> Int[Array, "B"]:
     """Image tokens to keep per image: `svdprune_jax.adaptive_budget` (leverage rank rule `rule`: rank or
-    energy, center, solver) on the `matrix` features, jitted on a split model."""
+    energy, center, solver) on the `matrix` features of each image's own tokens (`Llava.scored_tokens`: LLaVA-NeXT's
+    padding masked out), jitted on a split model."""
     if matrix not in MATRICES:
         raise ValueError(f"pruning matrix {matrix!r} is not one of {MATRICES}")
     return _adaptive_keep(graphdef, state, pixel_values, target=target, buckets=buckets, matrix=matrix, rule=rule)
@@ -271,5 +307,5 @@ def adaptive_keep(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Float[
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("target", "buckets", "matrix", "rule"))
 def _adaptive_keep(graphdef, state, pixel_values, *, target, buckets, matrix, rule):
-    feats, _ = nnx.merge(graphdef, state).scored_features(pixel_values, matrix)
-    return svdprune_jax.adaptive_budget(feats, target, buckets, **dict(rule))
+    tokens, mask, _ = nnx.merge(graphdef, state).scored_tokens(pixel_values, matrix)
+    return svdprune_jax.adaptive_budget(tokens, target, buckets, mask=mask, **dict(rule))

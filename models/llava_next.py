@@ -15,9 +15,13 @@ The k kept tokens reach the language model in packed order (base view first, the
 image exactly k tokens whatever its grid, so the language model's sequence (and its program) is the same for
 every aspect ratio. Unpruned, each image fills its own number of prompt slots, as in transformers.
 
+FastV (in the language model) ranks every image slot of the prompt, `image_newline`s included (after layer K
+they are contextual states like the rest), and keeps `keep` in every row; a row with fewer image slots than the
+batch's bound (`image_slots`) also drops that many leading padding columns, so the layers after K have one length.
+
 `models.llava.forward` and `models.generate.generate` run it unchanged, with `layout(...)` (an
 `anyres.AnyresImages`) in place of pixel_values: one program per (view count, prompt bucket, pruning), the grid
-and aspect ratio being data. FastV is not supported here (it assumes one image-token count per batch).
+and aspect ratio being data.
 """
 import dataclasses
 
@@ -120,6 +124,20 @@ class LlavaNext(Llava):
         flat = lambda a: None if a is None else a.reshape(B, V * a.shape[1], *a.shape[2:])
         return flat(feats), flat(cls_attn)
 
+    def scored_features(self, images: anyres.AnyresImages, matrix: str = "tower", *, cls_attention: bool = False):
+        """Every view's `matrix` features (B, V * N, Dm), view-major, and each view's CLS attention (B, V * N)."""
+        feats, cls_attn = self.view_features(images, cls_attention=cls_attention)
+        if matrix == "projector":
+            feats = self.multi_modal_projector(feats)
+        return sharding.constrain(feats, "batch", None, None), cls_attn  # each device prunes its own images
+
+    def scored_tokens(self, images: anyres.AnyresImages, matrix: str = "tower", *, cls_attention: bool = False):
+        """The image tokens in packed order (B, T, Dm), their mask (B, T) (T is the config's bound) and CLS
+        attention (B, T) or None."""
+        feats, cls_attn = self.scored_features(images, matrix, cls_attention=cls_attention)
+        cls_attn = None if cls_attn is None else _take(cls_attn, images.tokens)
+        return _take(feats, images.tokens), images.token_mask, cls_attn
+
     def encode_images(self, images: anyres.AnyresImages, pruning: Pruning | None = None, key: jax.Array | None = None,
                       scores: Float[Array, "B T"] | None = None):
         """Image embeddings and kept indices. Unpruned: (B, L, D) in transformers' packed order (each image's
@@ -128,27 +146,22 @@ class LlavaNext(Llava):
         order). Method GIVEN keeps the k highest of the caller's per-token `scores` (B, T)."""
         needs_attn = pruning is not None and pruning.method in svdprune_jax.NEEDS_CLS_ATTENTION
         matrix = "tower" if pruning is None else pruning.matrix
-        feats, cls_attn = self.view_features(images, cls_attention=needs_attn)
-        if matrix == "projector":
-            feats = self.multi_modal_projector(feats)
-        feats = sharding.constrain(feats, "batch", None, None)  # each device prunes its own images
-        take = lambda a, idx: jnp.take_along_axis(a, idx[..., None] if a.ndim == 3 else idx, axis=1)
-        tokens = take(feats, images.tokens)  # (B, T, Dm) in packed order
-        kept = None
+        if pruning is not None and pruning.per_view and pruning.method != GIVEN:
+            feats, cls_attn = self.scored_features(images, matrix, cls_attention=needs_attn)
+            tokens, kept = self._prune_per_view(feats, cls_attn, images, pruning, key)
+            return (tokens if matrix == "projector" else self.multi_modal_projector(tokens)), kept
+        tokens, mask, cls_attn = self.scored_tokens(images, matrix, cls_attention=needs_attn)
         if pruning is None:
             embeds = self.multi_modal_projector(tokens)
             newline = jnp.broadcast_to(self.image_newline[...].astype(embeds.dtype), (embeds.shape[0], 1, embeds.shape[2]))
-            return take(jnp.concatenate([embeds, newline], axis=1), images.packed), None
+            return _take(jnp.concatenate([embeds, newline], axis=1), images.packed), None
         if pruning.method == GIVEN:
             # padding scored -inf; the scores themselves were checked by the caller (`generate`: finite, (B, T))
-            kept = top_k_indices(jnp.where(images.token_mask, scores, -jnp.inf), pruning.k, sharding.DATA)
+            kept = top_k_indices(jnp.where(mask, scores, -jnp.inf), pruning.k, sharding.DATA)
             tokens = svdprune_jax.gather_tokens(tokens, kept)
-        elif pruning.per_view:
-            tokens, kept = self._prune_per_view(feats, cls_attn, images, pruning, key)
         else:
-            tokens, kept = svdprune_jax.prune(
-                tokens, pruning.k, pruning.method, key=key, mask=images.token_mask, batch_axis=sharding.DATA,
-                cls_attention=None if cls_attn is None else take(cls_attn, images.tokens), **dict(pruning.options))
+            tokens, kept = svdprune_jax.prune(tokens, pruning.k, pruning.method, key=key, mask=mask,
+                                              batch_axis=sharding.DATA, cls_attention=cls_attn, **dict(pruning.options))
         return (tokens if matrix == "projector" else self.multi_modal_projector(tokens)), kept
 
     def _prune_per_view(self, feats, cls_attn, images: anyres.AnyresImages, pruning: Pruning, key):
@@ -177,7 +190,11 @@ class LlavaNext(Llava):
             raise ValueError("visionzip merges its contextual tokens over the whole image: it has no per-view mode")
         return pruning.k
 
-    def run_prompt(self, input_ids, attention_mask, image_embeds, *, cache=None, fastv=None):
-        if fastv is not None:  # its image positions assume one image-token count for every row
-            raise ValueError("FastV is not supported on LLaVA-NeXT (image token counts differ per image)")
-        return super().run_prompt(input_ids, attention_mask, image_embeds, cache=cache)
+    def image_slots(self, images: anyres.AnyresImages, pruning: Pruning | None) -> int:
+        """k pruned; unpruned the most slots (tokens + newlines) an image of this view count fills (`layout`)."""
+        return self.prompt_budget(images, pruning) if pruning is not None else int(np.shape(images.packed)[1])
+
+
+def _take(a, idx):
+    """Rows `idx` (B, n) of a (B, M, D) or (B, M) array."""
+    return jnp.take_along_axis(a, idx[..., None] if a.ndim == 3 else idx, axis=1)

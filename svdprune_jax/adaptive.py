@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from svdprune_jax import checks, leverage
 
@@ -51,8 +51,8 @@ def check_buckets(buckets, n: int) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("buckets", "options"))
-def _adaptive_budget(x, target, *, buckets, options):
-    scores = leverage.leverage_unchecked(x, **dict(options))
+def _adaptive_budget(x, target, mask, *, buckets, options):
+    scores = leverage.leverage_unchecked(x, **dict(options), mask=mask)  # masked tokens: 0, sorted last
     mass = jnp.cumsum(jnp.sort(scores, axis=-1)[..., ::-1], axis=-1)  # top-k leverage mass, k = 1..N
     # smallest k whose mass reaches target of the total (mass[-1]: the same float32 sum, so target 1 gives <= N)
     need = 1 + jnp.sum(mass < target * mass[..., -1:], axis=-1)
@@ -62,7 +62,8 @@ def _adaptive_budget(x, target, *, buckets, options):
 
 
 def adaptive_budget(features: Float[Array, "*b n d"], target: float, buckets, *, rank: int | None = None,
-                    energy: float | None = None, center: bool = False, solver: str = "auto") -> Int[Array, "*b"]:
+                    energy: float | None = None, center: bool = False, solver: str = "auto",
+                    mask: Bool[Array, "*b n"] | None = None) -> Int[Array, "*b"]:
     """Tokens to keep per image (int32 (...,)): the smallest k whose top-k leverage mass reaches `target` of
     the image's total, rounded up to the smallest of `buckets` that holds it, and capped at the largest.
 
@@ -70,14 +71,19 @@ def adaptive_budget(features: Float[Array, "*b n d"], target: float, buckets, *,
     buckets strictly increasing ints in [1, N], static (e.g. `budget_buckets(k)`).
     rank / energy / center / solver: the rank rule of the leverage scores, exactly as `leverage_scores`
             (exactly one of rank and energy; see the module docstring for why not rank = budget).
+    mask    (..., N) bool: the image's tokens (an image with fewer than N, padded; LLaVA-NeXT): the matrix and
+            its leverage mass are the valid rows alone, as `prune`'s mask.
     An image with no resolved direction (all-equal tokens) has zero leverage and gets the smallest bucket.
     jit- and vmap-clean; batched (..., N, D) input works directly. Raises ValueError on bad input.
     """
     n, d = checks.features_shape(features)
     target, buckets, options = adaptive_options(n, d, target, buckets, rank=rank, energy=energy, center=center,
                                                 solver=solver)
+    if mask is not None and (np.shape(mask) != np.shape(features)[:-1] or jnp.result_type(mask) != jnp.bool_):
+        raise ValueError(f"mask must be bool of shape {np.shape(features)[:-1]} (features' tokens); got "
+                         f"{jnp.result_type(mask)} of shape {np.shape(mask)}")
     checks.finite(features, "features")
-    return _adaptive_budget(features, jnp.float32(target), buckets=buckets, options=options)
+    return _adaptive_budget(features, jnp.float32(target), mask, buckets=buckets, options=options)
 
 
 def adaptive_options(n: int, d: int, target, buckets, *, rank=None, energy=None, center=False, solver="auto"

@@ -95,6 +95,44 @@ def prompts(image_token_id: int, lengths: tuple[int, ...], n_image: int, seed: i
     return ids, mask
 
 
+def hf_fastv(hf, x, valid, pos, image_cols, K, keep, query=-1):
+    """FastV by hand on transformers' layers: eager attention of layer K-1's `query` column (the last prompt
+    token; head mean) ranks the image columns; layers K.. run on the kept columns with their original
+    positions. Columns after `query` (decoded tokens) are causal, so they do not change the choice."""
+    lm = hf.model.language_model
+    hf.set_attn_implementation("eager")
+    x, pos, valid = (torch.as_tensor(np.array(a)) for a in (x, pos, valid))
+
+    def mask4d(valid):
+        T = valid.shape[1]
+        ok = torch.tril(torch.ones(T, T, dtype=torch.bool))[None] & valid[:, None, :]
+        return torch.where(ok, 0.0, torch.finfo(torch.float32).min)[:, None]
+
+    emb = lm.rotary_emb(x, pos)
+    m = mask4d(valid)
+    for layer in lm.layers[:K - 1]:
+        x = layer(x, attention_mask=m, position_embeddings=emb)
+    last = lm.layers[K - 1]
+    _, w = last.self_attn(last.input_layernorm(x), attention_mask=m, position_embeddings=emb)
+    x = last(x, attention_mask=m, position_embeddings=emb)
+    score = w[:, :, query].mean(1)  # (B, T)
+    B, T = valid.shape
+    kept = []
+    for b in range(B):
+        img = torch.as_tensor(image_cols[b])
+        top = img[torch.topk(score[b, img], keep).indices]
+        text = torch.as_tensor([c for c in range(T) if c not in set(image_cols[b].tolist())])
+        kept.append(torch.sort(torch.cat([text, top])).values)
+    kept = torch.stack(kept)
+    take = lambda a: torch.gather(a, 1, kept.reshape(kept.shape + (1,) * (a.ndim - 2)).expand(*kept.shape, *a.shape[2:]))
+    x, pos, valid = take(x), take(pos), take(valid)
+    emb, m = lm.rotary_emb(x, pos), mask4d(valid)
+    for layer in lm.layers[K:]:
+        x = layer(x, attention_mask=m, position_embeddings=emb)
+    hf.set_attn_implementation("sdpa")
+    return lm.norm(x).detach().numpy(), kept.numpy()
+
+
 def hf_positions(mask: np.ndarray) -> torch.Tensor:
     """transformers generate's position ids for left padding."""
     m = torch.as_tensor(mask)

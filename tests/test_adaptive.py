@@ -93,6 +93,20 @@ def test_no_recompile_for_new_data_or_target():
     assert compiles.count == 0
 
 
+def test_mask_is_the_valid_tokens_alone():
+    """A padded image (LLaVA-NeXT's token arrays): the budget of its valid rows alone, whatever the padding holds."""
+    xs = images(7)
+    padded = np.concatenate([xs, np.repeat(xs[:, :1], 16, axis=1) + 3.0], axis=1)  # 16 rows of junk each
+    mask = np.arange(64) < 48
+    for rule in (dict(energy=0.9, center=True), dict(rank=3)):
+        for target in (0.5, 0.9):
+            want = np.asarray(sp.adaptive_budget(xs, target, BUCKETS, **rule))
+            got = np.asarray(sp.adaptive_budget(padded, target, BUCKETS, mask=np.broadcast_to(mask, (5, 64)), **rule))
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"mask must be bool of shape \(5, 64\)"):
+        sp.adaptive_budget(padded, 0.9, BUCKETS, energy=0.9, mask=mask)
+
+
 def test_budget_buckets():
     assert sp.budget_buckets(64) == (8, 16, 32, 64)
     assert sp.budget_buckets(50) == (7, 13, 25, 50)

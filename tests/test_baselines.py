@@ -187,6 +187,15 @@ def test_fastv_select():
     # without positions the keys are the image tokens
     np.testing.assert_array_equal(sp.fastv_select(probs[:, :, -1, :n], None, 5),
                                   ref_fastv(probs[:, :, -1, :n].mean(1), np.tile(np.arange(n), (B, 1)), 5))
+    # rows holding fewer image tokens (LLaVA-NeXT's images) pad their positions, past the keys here: never kept,
+    # even where the last key (where a clipped position lands) draws the most attention
+    padded, spiked = positions.copy(), probs[:, :, -1].mean(1)
+    padded[1, 9:], spiked[1, T - 1] = T, 1.0
+    assert positions[1, 8] < T - 1
+    mask = np.arange(n) < np.array([[n], [9]])
+    got = sp.fastv_select(jnp.asarray(spiked), jnp.asarray(padded), 5, mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(got[0], ref_fastv(spiked[:1], positions[:1], 5)[0])
+    np.testing.assert_array_equal(got[1], ref_fastv(spiked[1:], positions[1:, :9], 5)[0])
     assert sp.fastv_keep_count(576) == 288 and sp.fastv_keep_count(576, 0.75) == 144
     assert (sp.FASTV_LAYER, sp.FASTV_RATIO) == (2, 0.5)
 
@@ -198,5 +207,9 @@ def test_fastv_bad_input():
         sp.fastv_select(jnp.ones((2, 9)), jnp.zeros((3, 4), jnp.int32), 2)
     with pytest.raises(ValueError, match=r"k=5 outside \[1, N=4\]"):
         sp.fastv_select(jnp.ones((2, 9)), jnp.zeros((2, 4), jnp.int32), 5)
+    with pytest.raises(ValueError, match=r"mask must be bool of shape \(B, n\) = \(2, 4\)"):
+        sp.fastv_select(jnp.ones((2, 9)), jnp.zeros((2, 4), jnp.int32), 2, mask=jnp.ones((2, 9), bool))
+    with pytest.raises(ValueError, match=r"keep=3 exceeds the image tokens of a row \(2; mask\)"):
+        sp.fastv_select(jnp.ones((2, 9)), jnp.zeros((2, 4), jnp.int32), 3, mask=jnp.arange(4) < jnp.array([[4], [2]]))
     with pytest.raises(ValueError, match="ratio"):
         sp.fastv_keep_count(576, 1.0)

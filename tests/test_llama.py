@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import from_hf, prompts, tiny
+from hf_reference import from_hf, hf_fastv, prompts, tiny
 from tiny_hf import IMAGE_TOKEN_ID
 from svdprune_jax.models.layers import RMSNorm
 from svdprune_jax.models.cache import KVCache
@@ -96,44 +96,6 @@ def test_prefill_then_decode_equals_full_forward(tiny_pair):
     np.testing.assert_array_equal(seg.mask, valid)
 
 
-def _hf_fastv(hf, x, valid, pos, image_cols, K, keep, query=-1):
-    """FastV by hand on transformers' layers: eager attention of layer K-1's `query` column (the last prompt
-    token; head mean) ranks the image columns; layers K.. run on the kept columns with their original
-    positions. Columns after `query` (decoded tokens) are causal, so they do not change the choice."""
-    lm = hf.model.language_model
-    hf.set_attn_implementation("eager")
-    x, pos, valid = (torch.as_tensor(np.array(a)) for a in (x, pos, valid))
-
-    def mask4d(valid):
-        T = valid.shape[1]
-        ok = torch.tril(torch.ones(T, T, dtype=torch.bool))[None] & valid[:, None, :]
-        return torch.where(ok, 0.0, torch.finfo(torch.float32).min)[:, None]
-
-    emb = lm.rotary_emb(x, pos)
-    m = mask4d(valid)
-    for layer in lm.layers[:K - 1]:
-        x = layer(x, attention_mask=m, position_embeddings=emb)
-    last = lm.layers[K - 1]
-    _, w = last.self_attn(last.input_layernorm(x), attention_mask=m, position_embeddings=emb)
-    x = last(x, attention_mask=m, position_embeddings=emb)
-    score = w[:, :, query].mean(1)  # (B, T)
-    B, T = valid.shape
-    kept = []
-    for b in range(B):
-        img = torch.as_tensor(image_cols[b])
-        top = img[torch.topk(score[b, img], keep).indices]
-        text = torch.as_tensor([c for c in range(T) if c not in set(image_cols[b].tolist())])
-        kept.append(torch.sort(torch.cat([text, top])).values)
-    kept = torch.stack(kept)
-    take = lambda a: torch.gather(a, 1, kept.reshape(kept.shape + (1,) * (a.ndim - 2)).expand(*kept.shape, *a.shape[2:]))
-    x, pos, valid = take(x), take(pos), take(valid)
-    emb, m = lm.rotary_emb(x, pos), mask4d(valid)
-    for layer in lm.layers[K:]:
-        x = layer(x, attention_mask=m, position_embeddings=emb)
-    hf.set_attn_implementation("sdpa")
-    return lm.norm(x).detach().numpy(), kept.numpy()
-
-
 @pytest.mark.parametrize("K,keep", [(1, 3), (2, 5)])
 def test_fastv_matches_transformers_layers(tiny_pair, K, keep):
     hf, lm, graphdef, state = tiny_pair
@@ -142,7 +104,7 @@ def test_fastv_matches_transformers_layers(tiny_pair, K, keep):
     pos = positions(valid)
     image_cols = np.stack([np.flatnonzero(r == IMAGE_TOKEN_ID) for r in ids])
     with torch.no_grad():
-        want_h, want_kept = _hf_fastv(hf, x, valid, pos, image_cols, K, keep)
+        want_h, want_kept = hf_fastv(hf, x, valid, pos, image_cols, K, keep)
     T = ids.shape[1]
     cache = KVCache.init(lm.config, 2, (T + 2, T - n + keep + 2), FastV(keep, K))
     h, cache, kept = _prefill(graphdef, state, x, pos, valid, cache, jnp.asarray(image_cols), fastv=FastV(keep, K))
@@ -156,7 +118,7 @@ def test_fastv_matches_transformers_layers(tiny_pair, K, keep):
     x_new, pos_new = lm.embed_tokens(jnp.array([[5], [6]])), pos[:, -1:] + 1
     h_new, cache = _decode(graphdef, state, x_new, pos_new, cache)
     with torch.no_grad():
-        ext_h, ext_kept = _hf_fastv(hf, jnp.concatenate([x, x_new], 1), jnp.pad(valid, ((0, 0), (0, 1)), constant_values=True),
+        ext_h, ext_kept = hf_fastv(hf, jnp.concatenate([x, x_new], 1), jnp.pad(valid, ((0, 0), (0, 1)), constant_values=True),
                                     jnp.concatenate([pos, pos_new], 1), image_cols, K, keep, query=T - 1)
     np.testing.assert_array_equal(ext_kept[:, :-1], want_kept)
     np.testing.assert_allclose(h_new[:, 0], ext_h[:, -1], atol=1e-5)

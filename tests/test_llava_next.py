@@ -2,8 +2,10 @@
 five pinpoints): the any-resolution geometry and packed order, logits of batches mixing grids (LLaMA and Mistral
 decoders), greedy generation, pruned forwards (one selection per image and per view) against transformers fed the
 same kept features, the selections against float64 references on each image's (or view's) own tokens, every method
-in both modes, compile counts across aspect ratios, conversion both ways, the pipeline, `run` and `eval` by path,
+in both modes, FastV against transformers' layers driven by hand on each row alone, adaptive budgets against a
+float64 reference, compile counts across aspect ratios, conversion both ways, the pipeline, `run` and `eval` by path,
 bad input."""
+import copy
 import json
 
 import jax
@@ -18,7 +20,7 @@ from transformers import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 import svdprune_jax.convert as convert
-from hf_reference import from_hf, hf_positions, tiny
+from hf_reference import from_hf, hf_fastv, hf_positions, tiny
 from svdprune_jax.convert import keymap
 from svdprune_jax.convert.safetensors_io import INDEX, read_checkpoint
 from svdprune_jax.benchmarks.timing import Compiles
@@ -28,10 +30,11 @@ from svdprune_jax.inference.pipeline import CHAT_TEMPLATE, Pipeline
 from svdprune_jax.models import anyres
 from svdprune_jax.models.generate import Decoding, generate
 from svdprune_jax.models.llama import FastV
-from svdprune_jax.models.llava import GIVEN, Pruning, check_prompts, forward
+from svdprune_jax.models.llava import GIVEN, Pruning, adaptive_keep, check_prompts, forward
 from svdprune_jax.models.llava_next import LLAVA_NEXT_VICUNA_7B, LlavaNextConfig, config_from_hf, layout
 from test_convert import no_leftovers, save, v5_state, write_hf
 from test_evaluate import CHAT, RUN, write_gqa
+from test_adaptive import ref_adaptive
 from test_leverage import ref_leverage
 from tiny_hf import TINY_PINPOINTS
 
@@ -294,8 +297,9 @@ def test_bad_input(base):
     with pytest.raises(ValueError, match=r"image tokens per prompt \[5, 5\] differ from the image budget"):
         forward(graphdef, state, images, ids, mask)
     ids, mask = left_padded(cfg.image_token_id, images.lengths)
-    with pytest.raises(ValueError, match="FastV is not supported on LLaVA-NeXT"):
-        forward(graphdef, state, images, ids, mask, fastv=FastV(4))
+    fewest = int(images.lengths.min())  # FastV ranks image slots, newlines included
+    with pytest.raises(ValueError, match=rf"FastV keep {fewest + 1} outside \[1, {fewest}\]"):
+        forward(graphdef, state, images, ids, mask, fastv=FastV(fewest + 1, 1))
     with pytest.raises(ValueError, match="pixel_values shape"):
         layout(cfg, np.zeros((2, 3, 3, 28, 28), np.float32), [(30, 58), (60, 29)])
     with pytest.raises(ValueError, match="has 5 views"):
@@ -308,6 +312,150 @@ def test_bad_input(base):
     with pytest.raises(ValueError, match="model_type 'qwen2_vl' is not one of llava, llava_next"):
         config_from_hf(dict(d, model_type="qwen2_vl"))
     assert isinstance(config_from_hf(d), LlavaNextConfig)
+
+
+# --- FastV and adaptive budgets --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deep():
+    """A 3-layer decoder: FastV at K = 1 and K = 2."""
+    hf = tiny(seed=5, next=True, text_layers=3)
+    return hf, *from_hf(hf)
+
+
+def hf_embeds(hf, px, sizes, ids) -> torch.Tensor:
+    """transformers' input embeddings: its packed image features (newlines included) scattered into the image slots,
+    as its forward does."""
+    m, c = hf.model, hf.config
+    with torch.no_grad():
+        feats = m.get_image_features(torch.as_tensor(px), torch.as_tensor(sizes), vision_feature_layer=c.vision_feature_layer,
+                                     vision_feature_select_strategy=c.vision_feature_select_strategy).pooler_output
+        ids = torch.as_tensor(ids)
+        return m.get_input_embeddings()(ids).masked_scatter((ids == c.image_token_id)[..., None], torch.cat(list(feats)))
+
+
+def hf_fastv_row(hf, embeds, ids, K, keep, prompt=None):
+    """One row alone, unpadded: FastV by hand on transformers' layers (`hf_fastv`) over every image slot of its
+    first `prompt` columns (image_newline included), ranked by column prompt - 1: (logits (T', V), kept columns)."""
+    T = embeds.shape[0]
+    prompt = T if prompt is None else prompt
+    cols = np.flatnonzero(np.asarray(ids[:prompt]) == hf.config.image_token_id)[None]
+    with torch.no_grad():
+        h, kept = hf_fastv(hf, embeds[None].numpy(), np.ones((1, T), bool), np.arange(T)[None], cols, K, keep, query=prompt - 1)
+        return hf.lm_head(torch.as_tensor(h[0])).numpy(), kept[0]
+
+
+def hf_fastv_greedy(hf, embeds, ids, K, keep, steps) -> list[int]:
+    """Greedy tokens of one row: the whole FastV forward by hand again after every token (the prompt's last
+    token keeps ranking the image slots; later tokens attend to the kept columns only from layer K on)."""
+    prompt, tokens = embeds.shape[0], []
+    for _ in range(steps):
+        logits, _ = hf_fastv_row(hf, embeds, ids, K, keep, prompt)
+        tokens.append(int(logits[-1].argmax()))
+        with torch.no_grad():
+            embeds = torch.cat([embeds, hf.model.get_input_embeddings()(torch.tensor(tokens[-1:]))])
+        ids = np.append(ids, tokens[-1])
+    return tokens
+
+
+@pytest.mark.parametrize("pair,K,keep", [(("wide", "tall"), 1, 24), (("square", "tall3"), 2, 60)])
+def test_fastv_matches_transformers_layers_driven_by_hand(pair, K, keep, deep):
+    """FastV on two grids in a batch (left-padded prompts with different image slot counts): each row keeps `keep`
+    of its own image slots, image_newline included, ranked by its last token's attention at layer K - 1; the
+    logits of the kept columns equal transformers' layers driven by hand on each row alone, and so do the greedy
+    tokens. The prompts need the view count's image slots plus the longest text (`generate` pads them so)."""
+    hf, model, graphdef, state = deep
+    cfg = model.config
+    px, sizes, images = processed(cfg, pair, seed=10)
+    ids, mask = left_padded(cfg.image_token_id, images.lengths, seed=3)
+    S = images.packed.shape[1]  # image slots of the bucket: the most an image of this view count fills
+    assert S == anyres.bounds(TINY_PINPOINTS, 32, 4, views=px.shape[1])[2] and images.lengths.min() < S
+    width = S + int((mask.sum(1) - images.lengths).max())
+    with pytest.raises(ValueError, match=f"FastV on this batch needs prompts of at least {width} columns"):
+        forward(graphdef, state, images, ids, mask, fastv=FastV(keep, K))
+    pad = ((0, 0), (width - ids.shape[1], 0))
+    padded, padded_mask = np.pad(ids, pad), np.pad(mask, pad)
+    logits, kept, columns = forward(graphdef, state, images, padded, padded_mask, fastv=FastV(keep, K))
+    assert kept is None and columns.shape == logits.shape[:2] == (2, width - S + keep)
+    embeds = hf_embeds(hf, px, sizes, padded)
+    err, newlines = 0.0, 0
+    for b in range(2):
+        real = padded_mask[b].astype(bool)
+        want, want_cols = hf_fastv_row(hf, embeds[b][real], padded[b][real], K, keep)
+        got = np.asarray(columns[b])
+        ok = real[got]  # the columns every row keeps past its own: left padding
+        np.testing.assert_array_equal(got[ok] - (~real).sum(), want_cols)
+        err = max(err, float(np.abs(np.asarray(logits[b])[ok] - want).max()))
+        slots = np.flatnonzero(padded[b][real] == cfg.image_token_id)
+        kept_slots = np.searchsorted(slots, np.intersect1d(want_cols, slots))
+        newlines += int((images.packed[b][kept_slots] == cfg.num_image_tokens).sum())
+    print(f"fastv {pair} K={K} keep={keep}: max abs err {err:.2e}, {newlines} image_newline slots kept")
+    assert err <= 1e-4 and newlines > 0  # newlines compete like any image slot, and some win here
+    out = generate(graphdef, state, images, ids, mask, decoding=Decoding(5), fastv=FastV(keep, K), bucket=1)
+    for b in range(2):
+        real = mask[b].astype(bool)
+        assert out.tokens[b].tolist() == hf_fastv_greedy(hf, hf_embeds(hf, px[b:b + 1], sizes[b:b + 1], ids[b:b + 1, real])[0],
+                                                         ids[b][real], K, keep, 5)
+
+
+def test_fastv_one_program_across_aspect_ratios_and_all_kept_is_unpruned(deep):
+    """FastV pads prompts to the view count's image slots plus the text, so within a view count every aspect ratio
+    runs one program (here 3 views: wide 1 x 2 and tall 2 x 1 grids, unpadded differently; an 8-column bucket,
+    which the image slot counts alone would change); keeping every image slot of a lone image is the unpruned
+    model (the padding the row drops at layer K never mattered)."""
+    _, model, graphdef, state = deep
+    cfg = model.config
+
+    def run(sizes, seed, fastv=FastV(20, 1)):
+        images = layout(cfg, *_pixels(sizes, seed))
+        ids, mask = left_padded(cfg.image_token_id, images.lengths)
+        return images.lengths, generate(graphdef, state, images, ids, mask, decoding=Decoding(4), fastv=fastv, bucket=8)
+
+    run([(30, 58), (60, 29)], 0)
+    longest, shapes = set(), set()
+    with Compiles("generate_program") as same:
+        for seed, sizes in enumerate([[(61, 31), (30, 58)], [(25, 64), (30, 58)], [(64, 25), (62, 30)]]):
+            n, out = run(sizes, seed + 1)
+            longest.add(int(n.max()))
+            shapes.add(out.kept_columns.shape)
+    assert same.count == 0 and len(longest) == 2 and len(shapes) == 1
+    for size in ((30, 58), (62, 30)):
+        images = layout(cfg, *_pixels([size], 5))
+        ids, mask = left_padded(cfg.image_token_id, images.lengths)
+        full = np.asarray(forward(graphdef, state, images, ids, mask)[0])[0]
+        pad = ((0, 0), (images.packed.shape[1] - int(images.lengths[0]), 0))  # the slots this image leaves empty
+        logits, _, columns = forward(graphdef, state, images, np.pad(ids, pad), np.pad(mask, pad),
+                                     fastv=FastV(int(images.lengths[0]), 2))
+        np.testing.assert_array_equal(columns[0], np.arange(pad[1][0], pad[1][0] + ids.shape[1]))
+        err = np.abs(np.asarray(logits)[0][mask[0] > 0] - full[mask[0] > 0]).max()
+        print(f"fastv keeping all {images.lengths[0]} slots of {size}: max abs err to unpruned {err:.2e}")
+        assert err <= 1e-5
+
+
+@pytest.mark.parametrize("matrix", ["tower", "projector"])
+def test_adaptive_budget_reads_each_images_own_tokens(matrix, deep):
+    """`adaptive_keep` on NeXT: each image's budget is the float64 leverage-mass rule (`ref_adaptive`) on its own
+    tokens alone (base view and unpadded crops in packed order; the padding rows of the (B, T) token array, copies
+    of token 0, do not count), at several targets and two rank rules."""
+    hf, model, graphdef, state = deep
+    _, sizes, images = processed(model.config, ("wide2", "square"), seed=11)  # 48 and 80 of T = 80 tokens
+    with torch.no_grad():
+        hf64 = copy.deepcopy(hf).double()
+        feats = hf_view_features(hf64, images.pixel_values.astype(np.float64))
+        if matrix == "projector":
+            feats = hf64.model.multi_modal_projector(torch.as_tensor(feats)).numpy()
+    tokens = [order[order >= 0] for order in hf_order(hf, sizes)]
+    buckets, checked, seen = (4, 8, 16, 32, 48), 0, set()
+    for rule in (dict(energy=0.9, center=True), dict(rank=3)):
+        for target in (0.3, 0.5, 0.7, 0.9):
+            got = adaptive_keep(graphdef, state, images, target, buckets, matrix=matrix, rule=tuple(sorted(rule.items())))
+            for b, t in enumerate(tokens):
+                want = ref_adaptive(feats[b][t], target, buckets, **rule)
+                # compare only where the float64 answer is not on a knife edge between two buckets
+                if all(ref_adaptive(feats[b][t], x, buckets, **rule) == want for x in (target - 1e-4, target + 1e-4)):
+                    assert got[b] == want, (rule, target, b)
+                    checked, seen = checked + 1, seen | {want}
+    assert checked >= 12 and len(seen) >= 3
 
 
 # --- conversion: llava-hf NeXT directories (both key layouts, sharded) -> ours -> back -----------------------------
@@ -373,8 +521,9 @@ def word_tokenizer():
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    """A llava-hf style NeXT directory (save_pretrained), its tokenizer and processor."""
-    hf = tiny(seed=3, next=True)
+    """A llava-hf style NeXT directory (save_pretrained), its tokenizer and processor; 3 decoder layers (FastV's
+    default layer is 2)."""
+    hf = tiny(seed=3, next=True, text_layers=3)
     d = tmp_path_factory.mktemp("next") / "llava-next"
     hf.save_pretrained(d)
     word_tokenizer().save_pretrained(d)
@@ -406,8 +555,8 @@ def test_pipeline_answers_as_transformers_processor_and_generate(next_dir):
     pruned, _ = pipe.answer(images, questions, method="svd:per_view=true", keep=10, max_new_tokens=3)
     for ans, count in zip(pruned, counts):
         assert len(ans.kept_indices) == 10 and ans.kept_indices == sorted(ans.kept_indices) and ans.kept_indices[-1] < count
-    with pytest.raises(ValueError, match="fastv and adaptive budgets are not supported on LLaVA-NeXT"):
-        pipe.answer(images, questions, method="fastv", keep=10)
+    fastv, _ = pipe.answer(images, questions, method="fastv", keep=10, max_new_tokens=3)
+    assert all(a.kept_indices is None and len(a.token_ids) >= 1 for a in fastv)
 
 
 def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, capsys):
@@ -436,6 +585,24 @@ def test_run_command_on_a_next_directory_and_its_conversion(next_dir, tmp_path, 
                                                       "unpruned_seconds")}
 
 
+def test_run_fastv_and_adaptive_on_a_next_directory(next_dir, tmp_path, capsys):
+    """`run --method fastv` and `--method svd:adaptive=0.9` on a NeXT directory: FastV keeps its budget of image
+    slots (no kept indices, no picture); the adaptive spec answers at the image's own bucket, the pipeline's."""
+    _, d = next_dir
+    image = pictures(("tall3",), seed=12)[0]
+    image.save(tmp_path / "x.png")
+    run = ["run", "--model", str(d), "--image", str(tmp_path / "x.png"), "--prompt", "w5 w6", "--max-new-tokens", "3"]
+    cli.main([*run, "--method", "fastv", "--keep", "30", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["keep"], out["kept_indices"], out["overlay"]) == (30, None, None) and out["token_ids"]
+    cli.main([*run, "--method", "fastv"])
+    assert "picture   none: fastv keeps every patch" in capsys.readouterr().out
+    cli.main([*run, "--method", "svd:adaptive=0.9", "--keep", "16", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    want = int(Pipeline.load(d).adaptive_keep([image], "svd:adaptive=0.9", 16)[0])
+    assert out["keep"] == want and want in (2, 4, 8, 16) and len(out["kept_indices"]) == want
+
+
 @pytest.mark.parametrize("window", [None, 4096])
 def test_mistral_text_config_logits_and_window(window, tmp_path):
     """A Mistral decoder (llava-v1.6-mistral-7b-hf's family) is this decoder while a sequence fits its sliding
@@ -459,13 +626,14 @@ def test_mistral_text_config_logits_and_window(window, tmp_path):
 
 
 def test_eval_gqa_on_a_next_directory(next_dir, tmp_path):
-    """`svdprune-jax eval gqa --model DIR` answers every question unpruned and pruned per view on a NeXT model
-    (batches of images of different grids; a random model, so only the run's shape is checked)."""
+    """`svdprune-jax eval gqa --model DIR` answers every question unpruned, pruned per view and with FastV on a NeXT
+    model (batches of images of different grids; a random model, so only the run's shape is checked)."""
     _, d = next_dir
     rows = evaluate.main(["gqa", "--data", str(write_gqa(tmp_path / "gqa")), "--model", str(d), "--methods",
-                          "svd:per_view=true", "--keep", "10", "--out", str(tmp_path / "out"), *RUN, *CHAT])
+                          "svd:per_view=true,fastv", "--keep", "10", "--out", str(tmp_path / "out"), *RUN, *CHAT])
     assert [(r.method, r.budget, r.count, r.skipped) for r in rows] == [("full", None, 6, 1),
-                                                                         ("svd:per_view=true", 10, 6, 1)]
+                                                                         ("svd:per_view=true", 10, 6, 1),
+                                                                         ("fastv", 10, 6, 1)]
 
 
 def test_eval_synthetic_refuses_a_next_directory_in_one_line(next_dir, tmp_path):

@@ -58,6 +58,7 @@ def test_per_view_spec():
     ("svd:merge=1", "option merge: expected true or false"),
     ("fastv:rank=4", "fastv takes no option 'rank'"),
     ("lrcp:adaptive=0.9", "lrcp takes no option 'adaptive'"),
+    ("svd:adaptive=0.9:per_view=true", r"adaptive \(a budget from the image's leverage over all its tokens\) and per_view"),
     ("visionzip:keys=1", "visionzip takes no option 'keys'"),
     ("svd:energy=1.5", r"option energy: energy must be a fraction in \(0, 1\]; got 1.5"),
     ("svd:energy=high", r"option energy: energy must be a fraction in \(0, 1\]; got 'high'"),
