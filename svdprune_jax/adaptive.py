@@ -79,9 +79,8 @@ def adaptive_budget(features: Float[Array, "*b n d"], target: float, buckets, *,
     n, d = checks.features_shape(features)
     target, buckets, options = adaptive_options(n, d, target, buckets, rank=rank, energy=energy, center=center,
                                                 solver=solver)
-    if mask is not None and (np.shape(mask) != np.shape(features)[:-1] or jnp.result_type(mask) != jnp.bool_):
-        raise ValueError(f"mask must be bool of shape {np.shape(features)[:-1]} (features' tokens); got "
-                         f"{jnp.result_type(mask)} of shape {np.shape(mask)}")
+    if mask is not None:
+        checks.token_mask(mask, features)
     checks.finite(features, "features")
     return _adaptive_budget(features, jnp.float32(target), mask, buckets=buckets, options=options)
 

@@ -33,6 +33,19 @@ def finite(x, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+def token_mask(mask, features, k: int | None = None, per_group: bool = False) -> None:
+    """A mask of `features`' (..., N, D) tokens: bool of shape (..., N); with k, at least k valid tokens per image
+    (per_group: per image of (..., G, N)) when concrete."""
+    want = np.shape(features)[:-1]
+    if np.shape(mask) != want or jnp.result_type(mask) != jnp.bool_:
+        raise ValueError(f"mask must be bool of shape {want} (features' tokens); got {jnp.result_type(mask)} of "
+                         f"shape {np.shape(mask)}")
+    if k is not None and is_concrete(mask):
+        valid = np.asarray(mask).sum(axis=(-2, -1) if per_group else -1)
+        if np.size(valid) and valid.min() < k:
+            raise ValueError(f"k={k} exceeds the valid tokens of an image ({int(valid.min())}; mask)")
+
+
 def budget(k, n: int) -> int:
     """A static token budget 1 <= k <= n."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):

@@ -64,19 +64,6 @@ def _side_input(x, name: str, features, last: tuple | None) -> None:
     checks.finite(x, name)
 
 
-def _mask_input(mask, features, k: int, per_group: bool) -> None:
-    """A token mask: bool, the shape of features' tokens, and (when concrete) at least k valid tokens per image."""
-    want = np.shape(features)[:-1]
-    if np.shape(mask) != want:
-        raise ValueError(f"mask must have shape {want} (features' tokens); got {np.shape(mask)}")
-    if jnp.result_type(mask) != jnp.bool_:
-        raise ValueError(f"mask must be bool; got dtype {jnp.result_type(mask)}")
-    if checks.is_concrete(mask):
-        valid = np.asarray(mask).sum(axis=(-2, -1) if per_group else -1)
-        if np.size(valid) and valid.min() < k:
-            raise ValueError(f"k={k} exceeds the valid tokens of an image ({int(valid.min())}; mask)")
-
-
 def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, key: Array | None = None,
              cls_attention: Float[Array, "*b n"] | None = None, mask: Bool[Array, "*b n"] | None = None,
              per_group: bool = False, **options) -> tuple:
@@ -95,7 +82,7 @@ def validate(features: Float[Array, "*b n d"], k: int, method: str = "svd", *, k
             raise ValueError("visionzip merges its contextual tokens over the whole image: it has no per-group mode")
     k = checks.budget(k, n * np.shape(features)[-3] if per_group else n)
     if mask is not None:
-        _mask_input(mask, features, k, per_group)
+        checks.token_mask(mask, features, k, per_group)
     if method in NEEDS_KEY:
         if key is None:
             raise ValueError(f"method {method!r} needs an explicit PRNG key (key=jax.random.key(...))")

@@ -205,7 +205,7 @@ def test_mask_and_per_group_bad_input():
     x, attn, xp, ap, mask = _padded(0)
     with pytest.raises(ValueError, match=r"k=31 exceeds the valid tokens of an image \(30; mask\)"):
         sp.prune(xp, 31, "svd", mask=mask)
-    with pytest.raises(ValueError, match="mask must have shape"):
+    with pytest.raises(ValueError, match="mask must be bool of shape"):
         sp.prune(xp, 4, "svd", mask=mask[:-1])
     with pytest.raises(ValueError, match="mask must be bool"):
         sp.prune(xp, 4, "svd", mask=mask.astype(np.float32))
